@@ -1,0 +1,290 @@
+"""Dataset registry: find (or download) a dataset and decode it into arrays or a file index.
+
+Each loader returns a `RawDataset` in one shape, so `prepare` splits, normalises and writes them
+all the same way. Loaders use torchvision's own readers and download code; a missing or corrupt
+file becomes a `DatasetError` that names the file and how to get it.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from pipeline.config import DataConfig
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DatasetError(RuntimeError):
+    """A dataset that cannot be found, read or trusted."""
+
+
+@dataclass
+class Split:
+    """Labels plus either the images themselves (N, C, H, W) or the image files (indexed, not loaded)."""
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class RawDataset:
+    class_names: list[str]
+    train: Split
+    test: Split
+    source: str
+    files: list[Path]
+
+
+def _torchvision_dataset(cls, root: Path, hint: str, **kwargs):
+    """Open a torchvision dataset from `root`, downloading only when the files are not there."""
+    try:
+        return cls(str(root), download=False, **kwargs)
+    except RuntimeError:
+        pass
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except Exception as error:  # no network, a mirror down, a checksum that does not match
+        raise DatasetError(f"{cls.__name__} is missing or corrupt under {root} and could not be "
+                           f"downloaded ({error}). {hint}") from None
+
+
+def _idx_dataset(cls, cfg: DataConfig, extra_dirs: tuple[Path, ...] = ()) -> RawDataset:
+    """MNIST-format datasets: use extracted files, else .gz files found locally, else download."""
+    root = Path(cfg.root)
+    raw = root / cls.__name__ / "raw"
+    names = [name for name, _ in cls.resources]
+    for name in names:
+        extracted = raw / Path(name).stem
+        if extracted.exists():
+            continue
+        found = [d / name for d in (raw, root, *extra_dirs) if (d / name).exists()]
+        if found:
+            raw.mkdir(parents=True, exist_ok=True)
+            try:
+                with gzip.open(found[0]) as src, open(extracted, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as error:
+                extracted.unlink(missing_ok=True)
+                raise DatasetError(f"{found[0]} is corrupt ({error}): delete it and fetch it again") from None
+    hint = (f"Put {', '.join(names)} under {root} (or run `apt-get install dataset-fashion-mnist` "
+            f"for Fashion-MNIST), or allow torchvision to download them.")
+    splits = []
+    for train in (True, False):
+        try:
+            ds = _torchvision_dataset(cls, root, hint, train=train)
+        except (AssertionError, ValueError) as error:
+            raise DatasetError(f"the {cls.__name__} files under {raw} are corrupt ({error or 'bad size'}): "
+                               f"delete them and fetch them again") from None
+        splits.append(Split(labels=ds.targets.numpy().astype(np.int64), images=ds.data.numpy()[:, None]))
+    files = sorted(p for p in raw.iterdir() if p.suffix != ".gz")
+    return RawDataset(list(cls.classes), splits[0], splits[1], f"torchvision.datasets.{cls.__name__}", files)
+
+
+def fashion_mnist(cfg: DataConfig) -> RawDataset:
+    return _idx_dataset(torchvision.datasets.FashionMNIST, cfg, extra_dirs=(DEBIAN_FASHION_MNIST,))
+
+
+def mnist(cfg: DataConfig) -> RawDataset:
+    return _idx_dataset(torchvision.datasets.MNIST, cfg)
+
+
+def _cifar(cls, cfg: DataConfig, folder: str) -> RawDataset:
+    hint = f"Put the extracted {folder}/ under {cfg.root}, or allow torchvision to download it."
+    train, test = (_torchvision_dataset(cls, Path(cfg.root), hint, train=t) for t in (True, False))
+    as_split = lambda ds: Split(labels=np.asarray(ds.targets, np.int64), images=ds.data.transpose(0, 3, 1, 2))
+    files = sorted((Path(cfg.root) / folder).iterdir())
+    return RawDataset(list(train.classes), as_split(train), as_split(test), f"torchvision.datasets.{cls.__name__}", files)
+
+
+def cifar10(cfg: DataConfig) -> RawDataset:
+    return _cifar(torchvision.datasets.CIFAR10, cfg, "cifar-10-batches-py")
+
+
+def cifar100(cfg: DataConfig) -> RawDataset:
+    return _cifar(torchvision.datasets.CIFAR100, cfg, "cifar-100-python")
+
+
+def svhn(cfg: DataConfig) -> RawDataset:
+    hint = f"Put train_32x32.mat and test_32x32.mat under {cfg.root}, or allow torchvision to download them."
+    train, test = (_torchvision_dataset(torchvision.datasets.SVHN, Path(cfg.root), hint, split=s)
+                   for s in ("train", "test"))
+    as_split = lambda ds: Split(labels=ds.labels.astype(np.int64), images=ds.data)
+    files = [Path(cfg.root) / f"{s}_32x32.mat" for s in ("train", "test")]
+    return RawDataset([str(d) for d in range(10)], as_split(train), as_split(test), "torchvision.datasets.SVHN", files)
+
+
+def _image_folders(train_dir: Path, test_dir: Path, source: str) -> RawDataset:
+    """Index two ImageFolder trees with the same classes; images stay on disk."""
+    for folder in (train_dir, test_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} not found: expected one sub-folder of images per class there")
+    train, test = ImageFolder(str(train_dir)), ImageFolder(str(test_dir))
+    if train.classes != test.classes:
+        raise DatasetError(f"{train_dir} and {test_dir} have different class folders: "
+                           f"{sorted(set(train.classes) ^ set(test.classes))[:10]}")
+    as_split = lambda ds: Split(labels=np.asarray(ds.targets, np.int64), paths=[p for p, _ in ds.samples])
+    return RawDataset(list(train.classes), as_split(train), as_split(test), source, [])
+
+
+def folder(cfg: DataConfig) -> RawDataset:
+    root = Path(cfg.root)
+    return _image_folders(root / "train", root / "test", f"ImageFolder {root.resolve()}")
+
+
+def imagenet(cfg: DataConfig) -> RawDataset:
+    """ILSVRC-2012 in the usual extracted layout: imagenet/{train,val}/<wnid>/*.JPEG (val is the test split)."""
+    root = Path(cfg.root) / "imagenet"
+    return _image_folders(root / "train", root / "val", f"ImageNet (ImageFolder) {root.resolve()}")
+
+
+def npz(cfg: DataConfig) -> RawDataset:
+    """A user's own arrays: x_train, y_train, x_test, y_test (images uint8 or float), class_names optional."""
+    if cfg.npz_path is None:
+        raise DatasetError("data.name is npz but data.npz_path is null: set it to your .npz file")
+    path = Path(cfg.npz_path)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        x_train, y_train, x_test, y_test = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: set data.npz_path to your .npz file") from None
+    except KeyError as error:
+        raise DatasetError(f"{path} lacks array {error}: it needs x_train, y_train, x_test, y_test") from None
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path} is not a readable .npz file ({error})") from None
+    k = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else [str(c) for c in range(k)]
+    split = lambda x, y: Split(labels=y.astype(np.int64), images=_channels_first(x, path))
+    return RawDataset(names, split(x_train, y_train), split(x_test, y_test), f"npz {path.resolve()}", [path])
+
+
+def _channels_first(images: np.ndarray, path: Path) -> np.ndarray:
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    if images.ndim == 4 and images.shape[1] in (1, 3):
+        return images
+    raise DatasetError(f"{path}: images of shape {images.shape} are not (N, H, W), (N, H, W, C) or "
+                       f"(N, C, H, W) with 1 or 3 channels")
+
+
+def synthetic(cfg: DataConfig) -> RawDataset:
+    """Seeded many-class data: each class is a random prototype image plus noise."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(cfg.seed)
+    prototypes = rng.uniform(0, 255, size=(s.num_classes, 1, s.image_size, s.image_size))
+
+    def draw(per_class: int) -> Split:
+        labels = np.repeat(np.arange(s.num_classes, dtype=np.int64), per_class)
+        noise = rng.normal(0, 40, size=(len(labels), 1, s.image_size, s.image_size))
+        return Split(labels=labels, images=np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8))
+
+    names = [f"class_{c}" for c in range(s.num_classes)]
+    return RawDataset(names, draw(s.train_per_class), draw(s.test_per_class), f"synthetic seed={cfg.seed}", [])
+
+
+DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
+    "fashion_mnist": fashion_mnist,
+    "mnist": mnist,
+    "svhn": svhn,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "imagenet": imagenet,
+    "folder": folder,
+    "npz": npz,
+    "synthetic": synthetic,
+}
+
+
+def load_raw(cfg: DataConfig) -> RawDataset:
+    try:
+        loader = DATASETS[cfg.name]
+    except KeyError:
+        raise KeyError(f"unknown dataset data.name={cfg.name!r}; known: {', '.join(DATASETS)}") from None
+    return loader(cfg)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """One image file as uint8 (3, size, size): how indexed datasets are decoded everywhere."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((size, size)), dtype=np.uint8).transpose(2, 0, 1)
+
+
+class PreparedData:
+    """A dataset as `prepare` wrote it: meta.json plus a normalised torch Dataset per split."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        try:
+            self.meta = json.loads((self.root / "meta.json").read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"{self.root}/meta.json not found: run `dvc repro prepare` first") from None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["input_shape"])
+
+    def split(self, name: str) -> "PreparedSplit":
+        if name not in self.meta["splits"]:
+            raise KeyError(f"unknown split {name!r}; {self.root} has {', '.join(self.meta['splits'])}")
+        return PreparedSplit(self.root, name, self.meta)
+
+
+class PreparedSplit(torch.utils.data.Dataset):
+    """Normalised float32 images (C, H, W) and int64 labels; arrays are memory-mapped, files read lazily."""
+
+    def __init__(self, root: Path, name: str, meta: dict):
+        self.image_size = meta["input_shape"][-1]
+        norm = meta["normalisation"]
+        self.scale = meta["pixel_scale"]
+        self.mean = np.asarray(norm["mean"], np.float32)[:, None, None]
+        self.std = np.asarray(norm["std"], np.float32)[:, None, None]
+        if meta["storage"] == "arrays":
+            self.images = np.load(root / f"{name}_images.npy", mmap_mode="r")
+            self.labels = np.load(root / f"{name}_labels.npy")
+            self.paths = None
+        else:
+            rows = json.loads((root / f"{name}_index.json").read_text())
+            self.images = None
+            self.paths = [row["path"] for row in rows]
+            self.labels = np.asarray([row["label"] for row in rows], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def normalise(self, images: np.ndarray) -> torch.Tensor:
+        """(N, C, H, W) raw pixels -> the float32 network input."""
+        return torch.from_numpy((images.astype(np.float32) / self.scale - self.mean) / self.std)
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch at once (DataLoader's batched fetch): one vectorised normalisation."""
+        index = np.asarray(indices)
+        if self.images is not None:
+            raw = self.images[index]
+        else:
+            raw = np.stack([load_image(self.paths[i], self.image_size) for i in index])
+        return list(zip(self.normalise(raw), torch.from_numpy(self.labels[index])))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([i])[0]
