@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test ui data
+.PHONY: run test ui serve data
 
 run: $(VENV)/.installed data
 	dvc repro
@@ -15,6 +15,9 @@ test: $(VENV)/.installed data
 
 ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+serve: $(VENV)/.installed
+	$(PYTHON) -m pipeline.serve
 
 # torch and torchvision first, pinned: pip finds these releases on this machine's disk.
 $(VENV)/.installed: pyproject.toml

@@ -86,11 +86,23 @@ class GridConfig:
 @dataclass(frozen=True)
 class RayConfig:
     address: str | None
+    num_cpus: int | None
     num_workers: int
     use_gpu: bool
-    cpus_per_worker: float
+    cpus_per_worker: float | None
     max_concurrent_trials: int
     max_failures: int
+
+    def __post_init__(self):
+        _require(self.num_cpus is None or self.num_cpus > 0, "ray.num_cpus", self.num_cpus,
+                 "null (every CPU of this machine) or a positive count")
+        _require(self.num_workers > 0, "ray.num_workers", self.num_workers, "a positive integer")
+        _require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "ray.cpus_per_worker",
+                 self.cpus_per_worker, "null (share the CPUs out) or a positive number")
+        _require(self.max_concurrent_trials > 0, "ray.max_concurrent_trials", self.max_concurrent_trials,
+                 "a positive integer")
+        _require(self.max_failures >= -1, "ray.max_failures", self.max_failures,
+                 "0 (no restarts), a positive count, or -1 (restart forever)")
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,14 @@ class MlflowConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     recalls: list[float]
+    batch_size: int
+    hist_bins: int
 
     def __post_init__(self):
         _require(all(0.0 < r <= 1.0 for r in self.recalls) and self.recalls, "evaluate.recalls",
                  self.recalls, "a non-empty list of recall targets in (0, 1]")
+        _require(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
+        _require(self.hist_bins > 0, "evaluate.hist_bins", self.hist_bins, "a positive integer")
 
 
 @dataclass(frozen=True)
@@ -114,12 +130,17 @@ class ExportConfig:
     classes: str | list[int]
     opset: int
     verify_atol: float
+    verify_images: int
 
     def __post_init__(self):
         _require(self.runs == "all" or isinstance(self.runs, list), "export.runs", self.runs,
                  "'all' or a list of run names")
         _require(self.classes in ("all", "none") or isinstance(self.classes, list),
                  "export.classes", self.classes, "'all', 'none' or a list of class ids")
+        _require(self.opset >= 18, "export.opset", self.opset, "18 or newer (torch.onnx.export's dynamo exporter)")
+        _require(self.verify_atol > 0, "export.verify_atol", self.verify_atol, "a positive tolerance, e.g. 1e-4")
+        _require(self.verify_images >= 2, "export.verify_images", self.verify_images,
+                 "at least 2 (files are checked on batch 1 and on a larger batch)")
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,17 @@ class BenchmarkConfig:
     warmup: int
     repeats: int
     providers: str | list[str]
+    prepacking: bool
+    bandwidth_mib: int
+
+    def __post_init__(self):
+        _require(len(self.architectures) > 0, "benchmark.architectures", self.architectures,
+                 "a non-empty list such as [resnet50]")
+        _require(len(self.num_classes) > 0 and all(k > 0 for k in self.num_classes), "benchmark.num_classes",
+                 self.num_classes, "a non-empty list of positive class counts, e.g. [1, 16384, 400000]")
+        for key in ("batch_size", "threads", "repeats", "bandwidth_mib"):
+            _require(getattr(self, key) > 0, f"benchmark.{key}", getattr(self, key), "a positive integer")
+        _require(self.warmup >= 0, "benchmark.warmup", self.warmup, "0 or more warm-up runs")
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,17 @@ class ServingConfig:
     host: str
     port: int
     max_batch: int
+    replicas: int
+    request_threads: int | None
+    onnx_threads: int | None
+
+    def __post_init__(self):
+        _require(0 < self.port < 65536, "serving.port", self.port, "a TCP port, 1 to 65535")
+        _require(self.max_batch > 0, "serving.max_batch", self.max_batch, "a positive number of images")
+        _require(self.replicas > 0, "serving.replicas", self.replicas, "a positive number of replicas")
+        for key in ("request_threads", "onnx_threads"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"serving.{key}", value, "null (the default) or a positive count")
 
 
 @dataclass(frozen=True)

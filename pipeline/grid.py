@@ -1,0 +1,294 @@
+"""The loss grid on Ray: one Tune trial per (loss, seed), each a Ray Train `TorchTrainer` run.
+
+Three kinds of process, each with one job:
+- the driver (`run_grid`, the `train` stage's process) owns every output: it creates the MLflow
+  runs, logs each reported epoch, and when a trial ends writes `models/<run_name>/` from the
+  trial's last checkpoint and rewrites `results/trials.json`, so nothing else touches the
+  tracking store or the outputs, and a finished trial's results survive any later failure;
+- a Tune trial (`_run_trial`, 0.01 CPU) builds and fits one `TorchTrainer`; a failed run becomes
+  a "failed" record instead of an exception, so the other trials go on;
+- the Train workers (`_train_worker`, data parallel) run the plain `train_one`, sharded by a
+  `DistributedSampler`, reporting each epoch with its checkpoint so a restarted worker group
+  resumes from the last epoch (`ray.max_failures`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import ray
+import torch
+import torch.distributed as dist
+from ray import tune
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline import tracking
+from pipeline.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
+from pipeline.data import PreparedData
+from pipeline.losses import LOSSES, POLS_ALIGNED
+from pipeline.models import build_model, save_trained
+from pipeline.train import CHECKPOINT_FILE, EpochReport, RunConfig, trained_info, train_one
+
+DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
+EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
+TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
+
+
+def connect(cfg: RayConfig) -> dict[str, float]:
+    """Join Ray and return the cluster's resources: the session this process already has, else
+    the cluster at `RAY_ADDRESS` / `ray.address`, else a new local one with `ray.num_cpus` CPUs."""
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or cfg.address
+        if address:
+            ray.init(address=address)
+        else:
+            # "local": a new instance even when a stale `ray start` left its address behind
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count())
+    return ray.cluster_resources()
+
+
+def worker_resources(cfg: RayConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """Each Train worker's resources, so that `max_concurrent_trials` trials fit the cluster.
+
+    A trial holds DRIVER_CPUS plus its workers; if the concurrent trials ask for more than the
+    cluster has, Ray would wait forever ("worker group startup timed out"), so that is refused here.
+    """
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    concurrent_workers = cfg.max_concurrent_trials * cfg.num_workers
+    per_worker = cfg.cpus_per_worker
+    if per_worker is None:
+        per_worker = math.floor((cpus - cfg.max_concurrent_trials * DRIVER_CPUS) / concurrent_workers * 100) / 100
+    needed = cfg.max_concurrent_trials * DRIVER_CPUS + concurrent_workers * per_worker
+    if per_worker <= 0 or needed > cpus + 1e-9:
+        raise ConfigError(
+            f"ray: {cfg.max_concurrent_trials} concurrent trials x {cfg.num_workers} workers x "
+            f"{per_worker} CPUs (+ {DRIVER_CPUS} per trial) need {needed:.2f} CPUs but the Ray cluster "
+            f"has {cpus:g}: lower ray.max_concurrent_trials, ray.num_workers or ray.cpus_per_worker "
+            f"(null shares the CPUs out)")
+    if cfg.use_gpu and concurrent_workers > gpus:
+        raise ConfigError(f"ray.use_gpu: {concurrent_workers} concurrent workers need one GPU each but the "
+                          f"Ray cluster has {gpus:g}: lower ray.max_concurrent_trials or ray.num_workers, "
+                          f"or set ray.use_gpu: false")
+    return {"CPU": per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
+
+
+def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
+    """This rank's disjoint share of the training set. Each rank keeps `train.batch_size`, since
+    the batch losses (batch_ce, batch_max_margin) are defined over the batch one process sees."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loader
+    sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed, drop_last=True)
+    samplers.append(sampler)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
+
+
+def _train_worker(config: dict) -> dict | None:
+    """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any."""
+    from ray.train import Checkpoint, get_checkpoint, report
+    from ray.train.torch import get_device, prepare_model
+
+    run = RunConfig(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
+                    from_dict(TrainConfig, config["train"], "train"))
+    data, checkpoint, samplers, trained = PreparedData(config["data"]), get_checkpoint(), [], []
+
+    def on_epoch(epoch: EpochReport) -> None:
+        trained.append(epoch.epoch)
+        saved = Checkpoint.from_directory(epoch.checkpoint_dir) if epoch.checkpoint_dir else None
+        report({"epoch": epoch.epoch, **{key: getattr(epoch, key) for key in EPOCH_METRICS}}, checkpoint=saved)
+
+    with tempfile.TemporaryDirectory() as workdir, \
+            (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume:
+        result = train_one(run, data, workdir, on_epoch=on_epoch,
+                           wrap_model=prepare_model, wrap_loader=lambda loader: _shard(loader, run.seed, samplers),
+                           resume_from=resume, device=get_device(), progress=False)
+    shard = sorted(samplers[0]) if samplers else list(range(len(data.split("train"))))
+    shards, speeds = [shard], [result.samples_per_s]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shards, speeds = [None] * dist.get_world_size(), [None] * dist.get_world_size()
+        dist.all_gather_object(shards, shard)
+        dist.all_gather_object(speeds, result.samples_per_s)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    last = result.history[-1] if result.history else None
+    return {"status": result.status, "error": result.error, "epochs": result.epochs_completed,
+            **{key: getattr(last, key) if last else None for key in EPOCH_METRICS},
+            "samples_per_s": _finite(sum(speeds)), "resumed_from_epoch": result.epochs_completed - len(trained),
+            "world_size": len(shards), "shard_sizes": [len(s) for s in shards],
+            "distinct_samples": len(set().union(*map(set, shards)))}
+
+
+def _run_trial(config: dict) -> dict:
+    """A Tune trial: fit one TorchTrainer; any failure is returned as a failed record."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial, ray_cfg = config["trial"], from_dict(RayConfig, config["ray"], "ray")
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config={**trial, **{k: config[k] for k in ("model", "train", "data")}},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker=config["worker_resources"]),
+        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
+        run_config=TrainRunConfig(name=trial["run_name"], storage_path=config["storage"],
+                                  failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                  callbacks=[TuneReportCallback()],
+                                  # the driver prints each epoch; Ray's per-report lines would bury it
+                                  logging_config=LoggingConfig(log_level="WARNING")))
+    try:
+        result = trainer.fit()
+        summary, checkpoint = result.return_value, result.checkpoint
+    except TrainingFailedError as error:
+        summary, checkpoint = {"status": "failed", "error": _one_line(error)}, None
+    return {**summary, "wall_time_s": time.perf_counter() - started,
+            "checkpoint_path": checkpoint.path if checkpoint else None}
+
+
+class _Recorder(tune.Callback):
+    """Runs in the driver: MLflow logging, models/ and trials.json as trials report and end."""
+
+    def __init__(self, uri: str, data: PreparedData, models_dir: Path, results: Path, order: list[str]):
+        self.uri, self.data, self.models_dir, self.results, self.order = uri, data, models_dir, results, order
+        self.records: dict[str, dict] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        spec = trial.config["trial"]
+        if "status" not in result and "epoch" in result:
+            tracking.log_metrics(self.uri, spec["mlflow_run_id"], {k: result[k] for k in EPOCH_METRICS},
+                                 step=result["epoch"])
+            print(f"{spec['run_name']} epoch {result['epoch']}/{trial.config['train']['epochs']}: "
+                  + ", ".join(f"{k} {result[k]:.4f}" for k in EPOCH_METRICS), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._record(trial.config, trial.last_result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial.config, {"status": "failed", "error": str(trial.get_error())})
+
+    def _record(self, config: dict, outcome: dict) -> None:
+        spec = config["trial"]
+        record = {"run_name": spec["run_name"], "loss": spec["loss"], "seed": spec["seed"],
+                  "status": outcome.get("status", "failed"), "mlflow_run_id": spec["mlflow_run_id"],
+                  "wall_time_s": outcome.get("wall_time_s"), "samples_per_s": outcome.get("samples_per_s"),
+                  "epochs": outcome.get("epochs", 0),
+                  **{key: outcome.get(key) for key in EPOCH_METRICS},
+                  "error": outcome.get("error"), "model_dir": None,
+                  **{key: outcome.get(key) for key in ("resumed_from_epoch", "world_size", "shard_sizes",
+                                                       "distinct_samples")}}
+        if record["status"] == "finished":
+            try:
+                record["model_dir"] = str(self._save_model(config, outcome["checkpoint_path"]))
+            except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
+                traceback.print_exc()
+                record.update(status="failed", error=f"saving the model failed: {_one_line(error)}")
+        tracking.end_run(self.uri, spec["mlflow_run_id"], finished=record["status"] == "finished")
+        self.records[spec["run_name"]] = record
+        _write_json_atomic(self.results, [self.records[n] for n in self.order if n in self.records])
+        print(f"{record['run_name']}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""),
+              flush=True)
+
+    def _save_model(self, config: dict, checkpoint_path: str) -> Path:
+        """models/<run_name>/ from the trial's last checkpoint (written beside, then renamed), and
+        the same model logged to the trial's MLflow run."""
+        spec = config["trial"]
+        run = RunConfig(spec["loss"], spec["seed"], from_dict(ModelConfig, config["model"], "model"),
+                        from_dict(TrainConfig, config["train"], "train"))
+        model = build_model(run.model, self.data.input_shape, self.data.num_classes)
+        state = torch.load(Path(checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        target = self.models_dir / run.run_name
+        partial = self.models_dir / f".{run.run_name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_trained(model, partial, trained_info(run, self.data))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        val = self.data.split("val")
+        example = torch.stack([val[0][0], val[1][0]]).numpy()  # two images: a batch size of 1 would be traced as fixed
+        tracking.log_model(self.uri, spec["mlflow_run_id"], model.eval(), example)
+        return target
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["run_name"]
+
+
+def _one_line(error: BaseException) -> str:
+    return traceback.format_exception_only(error)[-1].strip()
+
+
+def _finite(value: float) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, results: str | Path,
+             storage: str | Path = "ray_results") -> list[dict]:
+    """Train every loss x seed of `params.grid` on Ray; returns the trials.json records."""
+    unknown = [loss for loss in params.grid.losses if loss not in LOSSES]
+    if unknown:
+        raise ConfigError(f"grid.losses has unknown loss {unknown[0]!r}; known losses: {', '.join(LOSSES)}")
+    data = PreparedData(data_root)
+    resources = worker_resources(params.ray, connect(params.ray))
+    uri = tracking.tracking_uri(params.mlflow)
+    grid_name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    sections = {name: dataclasses.asdict(getattr(params, name)) for name in TRAIN_PARAMS}
+    common = {"dataset": data.meta["dataset"], "model": sections["model"], "train": sections["train"],
+              "git_commit": tracking.git_commit(), "params_hash": tracking.params_hash(sections)}
+    parent = tracking.start_grid(uri, params.mlflow.experiment, grid_name,
+                                 {**common, "grid": sections["grid"], "ray": sections["ray"]},
+                                 {"dataset": data.meta["dataset"], "model": params.model.name})
+    trials = []
+    for loss in params.grid.losses:
+        for seed in params.grid.seeds:
+            name = tracking.run_name(loss, seed)
+            run_id = tracking.start_trial(uri, parent, name, {"loss": loss, "seed": seed, **common},
+                                          tracking.trial_tags(loss, loss in POLS_ALIGNED, data.meta["dataset"],
+                                                              params.model.name))
+            trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id})
+    storage = Path(storage).resolve()
+    recorder = _Recorder(uri, data, Path(models_dir), Path(results), [t["run_name"] for t in trials])
+    tuner = tune.Tuner(
+        tune.with_resources(_run_trial, {"CPU": DRIVER_CPUS}),
+        param_space={"trial": tune.grid_search(trials), "model": sections["model"], "train": sections["train"],
+                     "ray": sections["ray"], "data": str(Path(data_root).resolve()),
+                     "storage": str(storage / grid_name / "train"), "worker_resources": resources},
+        tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent_trials,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=grid_name, storage_path=str(storage), callbacks=[recorder], verbose=0))
+    try:
+        tuner.fit()
+    finally:
+        finished = any(r["status"] == "finished" for r in recorder.records.values())
+        tracking.end_run(uri, parent, finished=finished)
+    return [recorder.records[t["run_name"]] for t in trials if t["run_name"] in recorder.records]
+
+
+def summarise(records: list[dict]) -> int:
+    """Print one line per trial and every failure's reason; the exit status: 0 if any finished."""
+    for r in records:
+        accuracy = f"{r['val_accuracy']:.4f}" if r["val_accuracy"] is not None else "-"
+        wall = f"{r['wall_time_s']:.0f} s" if r["wall_time_s"] is not None else "-"
+        print(f"{r['run_name']:<24} {r['status']:<9} val accuracy {accuracy}  {wall}")
+    failed = [r for r in records if r["status"] != "finished"]
+    for r in failed:
+        print(f"FAILED {r['run_name']}: {r['error']}")
+    if len(failed) == len(records):
+        print(f"no trial finished ({len(records)} failed or none ran): see the errors above")
+        return 1
+    return 0

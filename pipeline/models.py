@@ -1,0 +1,199 @@
+"""Network registry: the paper's two small networks and every torchvision classifier, one shape.
+
+Every model is an `SLCNet`: `features(x) -> (N, d)` then `head: nn.Linear(d, k)`. Single logit
+classification needs exactly that split, because export keeps the backbone and slices one row of
+the head per class. torchvision networks are built with random weights (nothing is downloaded),
+their own final linear layer becomes `head`, and a small input adapter in front lets them take
+any dataset's images: see `FitInput`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
+
+from pipeline.config import ModelConfig, from_dict
+
+InputShape = tuple[int, int, int]
+
+
+class SLCNet(nn.Module):
+    """backbone -> (N, d) features -> head (N, k): the split single-logit export relies on."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FitInput(nn.Module):
+    """Make any dataset's images acceptable to an ImageNet network, inside the graph.
+
+    Grey images are repeated to 3 channels (rather than replacing the first conv, which differs
+    per architecture), and images smaller than the network can take are upsampled bilinearly,
+    so that, e.g., Fashion-MNIST's 28x28 runs through inception_v3 (75x75 at least) or
+    ViT (exactly 224x224). Being part of the model, it is exported with it.
+    """
+
+    def __init__(self, channels: int, size: int, exact: bool):
+        super().__init__()
+        self.repeat = 3 if channels == 1 else 1
+        self.size = size
+        self.exact = exact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.repeat > 1:
+            x = x.repeat(1, self.repeat, 1, 1)
+        h, w = x.shape[-2:]
+        if self.exact and (h, w) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        elif not self.exact and min(h, w) < self.size:
+            x = F.interpolate(x, size=(max(h, self.size), max(w, self.size)), mode="bilinear",
+                              align_corners=False)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"repeat={self.repeat}, size={self.size}, exact={self.exact}"
+
+
+def mlp(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
+    """The paper's MNIST network: two fully connected layers (one hidden layer, then the logits)."""
+    c, h, w = input_shape
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, cfg.hidden), nn.ReLU())
+    return SLCNet(backbone, nn.Linear(cfg.hidden, num_classes))
+
+
+def conv6(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
+    """The paper's SVHN/CIFAR network: six 3x3 conv layers in three pooled pairs, then one FC layer.
+
+    Widths c, c, 2c, 2c, 4c, 4c; batch norm keeps all seven losses trainable at one learning
+    rate; global average pooling makes d = 4c whatever the image size (>= 8 pixels).
+    """
+    if min(input_shape[1:]) < 8:
+        raise ValueError(f"conv6 needs images of at least 8x8 (three 2x2 poolings), got {input_shape}")
+    layers: list[nn.Module] = []
+    in_channels = input_shape[0]
+    for width in (cfg.channels, 2 * cfg.channels, 4 * cfg.channels):
+        for _ in range(2):
+            layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            in_channels = width
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return SLCNet(nn.Sequential(*layers), nn.Linear(in_channels, num_classes))
+
+
+def _final_linear(net: nn.Module, num_classes: int) -> nn.Linear:
+    """Take out the network's own last nn.Linear to k outputs (registered last in every torchvision
+    classifier) and leave an Identity in its place, so the network now returns its features."""
+    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not found:
+        raise ValueError(f"{type(net).__name__} has no final nn.Linear with {num_classes} outputs to use as head")
+    name, linear = found[-1]
+    net.set_submodule(name, nn.Identity())
+    return linear
+
+
+def _squeezenet_head(net: nn.Module, num_classes: int) -> nn.Linear:
+    """SqueezeNet ends in a 1x1 conv + ReLU, not a linear layer: pool its 512 channels instead, and
+    put an equivalent (same parameter count) nn.Linear on top, without the ReLU that would clip
+    every logit at 0."""
+    conv = net.classifier[1]
+    net.classifier = nn.Sequential(nn.Dropout(p=0.5), nn.AdaptiveAvgPool2d(1))
+    return nn.Linear(conv.in_channels, num_classes)
+
+
+# Architecture-specific construction: options for the builder, and how to take the head off.
+_TORCHVISION_OPTIONS: dict[str, dict] = {
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+    "googlenet": {"aux_logits": False, "init_weights": True},
+}
+_HEAD_SURGERY: dict[str, Callable[[nn.Module, int], nn.Linear]] = {
+    "squeezenet1_0": _squeezenet_head,
+    "squeezenet1_1": _squeezenet_head,
+}
+# Networks that take one input size only; every other one takes anything from its `min_size`
+# (torchvision's weights metadata) upwards.
+_EXACT_INPUT_SIZE: dict[type, Callable[[nn.Module], int]] = {
+    VisionTransformer: lambda net: net.image_size,
+    MaxVit: lambda net: 224,  # torchvision's maxvit_t is built for 224x224 (its partition sizes)
+}
+
+
+def torchvision_model(name: str, cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
+    """A torchvision classifier by name, randomly initialised, its final layer as `head`."""
+    if input_shape[0] not in (1, 3):
+        raise ValueError(f"{name} takes 1- or 3-channel images, got input shape {input_shape}")
+    net = get_model(name, weights=None, num_classes=num_classes, **_TORCHVISION_OPTIONS.get(name, {}))
+    exact = _EXACT_INPUT_SIZE.get(type(net))
+    size = exact(net) if exact else get_model_weights(name).DEFAULT.meta["min_size"][0]
+    head = _HEAD_SURGERY.get(name, _final_linear)(net, num_classes)
+    return SLCNet(nn.Sequential(FitInput(input_shape[0], size, exact is not None), net), head)
+
+
+def _torchvision_builder(name: str) -> Callable[[ModelConfig, InputShape, int], SLCNet]:
+    def build(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
+        return torchvision_model(name, cfg, input_shape, num_classes)
+    build.__name__ = name
+    return build
+
+
+MODELS: dict[str, Callable[[ModelConfig, InputShape, int], SLCNet]] = {
+    "mlp": mlp,
+    "conv6": conv6,
+    **{name: _torchvision_builder(name) for name in list_models(module=torchvision.models)},
+}
+
+
+def build_model(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
+    if cfg.name not in MODELS:
+        tv = [n for n in MODELS if n not in ("mlp", "conv6")]
+        raise KeyError(f"unknown model.name {cfg.name!r}; known: mlp, conv6, or one of {len(tv)} torchvision "
+                       f"architectures ({', '.join(tv[:6])}, ...; all: torchvision.models.list_models())")
+    return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+
+
+TRAINED_INFO_KEYS = ("run_name", "loss", "seed", "model", "train", "dataset", "input_shape",
+                     "num_classes", "class_names", "normalisation")
+
+
+def save_trained(model: nn.Module, run_dir: str | Path, info: dict) -> None:
+    """models/<run_name>/{model.pt, config.json}: weights plus all that is needed to rebuild them.
+
+    A DistributedDataParallel wrapper is unwrapped, so the file loads into a plain SLCNet.
+    """
+    missing = [key for key in TRAINED_INFO_KEYS if key not in info]
+    if missing:
+        raise ValueError(f"save_trained: info lacks {', '.join(missing)}; it needs {', '.join(TRAINED_INFO_KEYS)}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = getattr(model, "module", model).state_dict()
+    torch.save(state, run_dir / "model.pt.tmp")
+    os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+    (run_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
+    """A trained model on the CPU in eval mode, and its config.json."""
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / "config.json").read_text())
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error.filename} not found: {run_dir} is not a trained model "
+                                f"(run the train stage, `dvc repro train`)") from None
+    model = build_model(from_dict(ModelConfig, info["model"], "model"), tuple(info["input_shape"]), info["num_classes"])
+    model.load_state_dict(state)
+    return model.eval(), info

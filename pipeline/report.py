@@ -1,0 +1,197 @@
+"""What `evaluate` shows people: the paper-style Table 1, the plot data `dvc plots` renders, PNGs.
+
+Kept apart from the computation in `evaluate.py` so that the numbers can be tested without
+matplotlib, and so that the table's layout can change without touching how it is measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.metrics import recall_key
+
+# The paper's Table 1 (1-AUPRC, 1-P@0.9, 1-P@0.99): mean non-PoLS, mean PoLS, relative improvement.
+PAPER_TABLE1: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = {
+    "MNIST": ((.010, .011, .232), (.002, .001, .027), (.800, .909, .884)),
+    "SVHN": ((.022, .026, .538), (.017, .016, .319), (.236, .396, .408)),
+    "CIFAR-10": ((.101, .305, .704), (.074, .211, .608), (.269, .309, .137)),
+    "CIFAR-100": ((.487, .879, .975), (.405, .834, .971), (.168, .052, .004)),
+    "ImageNet (CE vs batch CE)": ((.366, .739, .932), (.245, .563, .865), (.331, .238, .072)),
+}
+# Our dataset names -> the paper's nearest dataset (Fashion-MNIST: same images and network as MNIST).
+NEAREST_PAPER_DATASET = {"mnist": "MNIST", "fashion_mnist": "MNIST", "svhn": "SVHN",
+                         "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                         "imagenet": "ImageNet (CE vs batch CE)"}
+PAPER_COLUMNS = "1-AUPRC / 1-P@0.9 / 1-P@0.99"
+
+
+def error_names(recalls: list[float]) -> list[str]:
+    """The paper's error columns in our metric names: 1-auprc, then 1-p_at_<r> per recall target."""
+    return ["1-auprc", *(f"1-p_at_{recall_key(r)}" for r in recalls)]
+
+
+def finite_or_none(value):
+    """JSON has no NaN: undefined numbers (a class without positives, 0/0) are written as null."""
+    if isinstance(value, dict):
+        return {key: finite_or_none(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half file for the next stage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(finite_or_none(data), indent=2) + "\n")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _fmt_spread(mean: float, std: float, seeds: int) -> str:
+    return _fmt(mean) if seeds < 2 else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def _fmt_gain(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def table1_markdown(slc: dict, settings: dict, failed: list[dict], aligned: set[str]) -> str:
+    """The paper's Table 1 for our dataset, the paper's nearest row beside it, and the settings.
+
+    `slc` is the metrics/slc.json content; `settings` has dataset, evaluated_on, model, epochs,
+    seeds, recalls, test_size; `failed` the trial records that did not finish.
+    """
+    names = error_names(settings["recalls"])
+    paper = NEAREST_PAPER_DATASET.get(settings["dataset"])
+    lines = [f"# Table 1 on {settings['dataset']}: single-logit errors (lower is better)", "",
+             f"- trained on: {settings['dataset']}; evaluated on: {settings['evaluated_on']}",
+             f"- model: {settings['model']}; epochs: {settings['epochs']}; seeds: {settings['seeds']}",
+             f"- errors are 1 - x on the test split ({settings['test_size']} images), averaged over "
+             f"classes; a loss's row is the mean ± std over its seeds",
+             f"- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
+             + (f"nearest dataset {paper} ({PAPER_COLUMNS})" if paper else "no comparable dataset"),
+             ""]
+    header = ["loss", "PoLS-aligned", *names, *([f"paper {paper}"] if paper else [])]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for loss, row in slc["losses"].items():
+        cells = [loss, "yes" if loss in aligned else "no",
+                 *(_fmt_spread(row[f"{n}_mean"], row[f"{n}_std"], row["seeds"]) for n in names)]
+        lines.append("| " + " | ".join(cells + ([""] if paper else [])) + " |")
+    summary = slc["summary"]
+    if summary:
+        rows = [("mean non-PoLS", "non_pols", _fmt, 0), ("mean PoLS", "pols", _fmt, 1),
+                ("relative improvement", "relative_improvement", _fmt_gain, 2)]
+        for label, key, fmt, paper_index in rows:
+            cells = [f"**{label}**", "", *(fmt(summary[n][key]) for n in names)]
+            if paper:
+                figures = PAPER_TABLE1[paper][paper_index]
+                cells.append(" / ".join((_fmt_gain if key == "relative_improvement" else _fmt)(x)
+                                        for x in figures))
+            lines.append("| " + " | ".join(cells) + " |")
+    else:
+        lines += ["", "No PoLS summary: it needs at least one finished PoLS-aligned and one "
+                      f"non-aligned loss (aligned: {', '.join(sorted(aligned))})."]
+    lines += ["", "## Thresholds calibrated on validation, measured on test", "",
+              "What a deployment sees: per class, the largest validation threshold reaching the "
+              "recall target; mean (and worst class) test precision and recall it gives.", "",
+              "| run | target recall | test precision (mean) | test recall (mean) | test recall (worst class) |",
+              "| --- | --- | --- | --- | --- |"]
+    for run, metrics in slc["runs"].items():
+        for r in settings["recalls"]:
+            key = recall_key(r)
+            lines.append(f"| {run} | {key} | {_fmt(metrics[f'test_precision_at_val_threshold_{key}'])} | "
+                         f"{_fmt(metrics[f'test_recall_at_val_threshold_{key}'])} | "
+                         f"{_fmt(metrics[f'test_recall_at_val_threshold_{key}_min'])} |")
+    if failed:
+        lines += ["", "## Failed trials (not evaluated)", "", "| run | error |", "| --- | --- |"]
+        for trial in failed:
+            error = str(trial.get("error") or "no error recorded").splitlines()
+            lines.append(f"| {trial['run_name']} | {(error[-1] if error else '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plot_data(plots: Path, pr_curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                    histograms: dict[str, dict[str, np.ndarray]]) -> None:
+    """One JSON file per loss, so `dvc plots show` draws one plot per loss whatever the grid is.
+
+    `pr_curves/<loss>.json`: recall, precision (mean over classes and seeds).
+    `logit_hist/<loss>.json`: logit (bin centre), true_logits, false_logits (densities: the 1 true logit
+    per example and its k-1 false ones on one scale).
+    Earlier files are removed first, so a loss dropped from the grid leaves no stale plot.
+    """
+    for folder in ("pr_curves", "logit_hist"):
+        shutil.rmtree(plots / folder, ignore_errors=True)
+    for loss, (recall, precision) in pr_curves.items():
+        write_json(plots / "pr_curves" / f"{loss}.json",
+                   [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)])
+    for loss, hist in histograms.items():
+        centres, true, false = _densities(hist)
+        write_json(plots / "logit_hist" / f"{loss}.json",
+                   [{"logit": float(c), "true_logits": float(t), "false_logits": float(f)}
+                    for c, t, f in zip(centres, true, false)])
+
+
+def _densities(hist: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    edges = hist["edges"]
+    widths = np.diff(edges)
+    density = lambda counts: counts / max(counts.sum(), 1) / widths
+    return (edges[:-1] + edges[1:]) / 2, density(hist["true"]), density(hist["false"])
+
+
+def write_plot_pngs(plots: Path, pr_curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                    histograms: dict[str, dict[str, np.ndarray]], aligned: set[str]) -> list[Path]:
+    """pr_curves.png (all losses on one axis) and logit_hist.png (one panel per loss)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for loss, (recall, precision) in pr_curves.items():
+        ax.plot(recall, precision, label=loss, linestyle="-" if loss in aligned else "--")
+    ax.set(xlabel="recall", ylabel="precision (mean over classes)", ylim=(0, 1.02),
+           title="Single-logit precision-recall (dashed: not PoLS-aligned)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "pr_curves.png", dpi=100)
+    plt.close(fig)
+
+    cols = min(4, max(1, len(histograms)))
+    rows = math.ceil(len(histograms) / cols) if histograms else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (loss, hist) in zip(axes.flat, histograms.items()):
+        centres, true, false = _densities(hist)
+        width = np.diff(hist["edges"])
+        ax.bar(centres, false, width=width, alpha=0.5, label="false logits")
+        ax.bar(centres, true, width=width, alpha=0.5, label="true logits")
+        ax.set(title=f"{loss} ({'PoLS' if loss in aligned else 'not PoLS'})", xlabel="logit")
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(histograms):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(plots / "logit_hist.png", dpi=100)
+    plt.close(fig)
+    return [plots / "pr_curves.png", plots / "logit_hist.png"]

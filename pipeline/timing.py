@@ -1,0 +1,186 @@
+"""How the benchmark measures: onnxruntime sessions, latency spread, memory bandwidth, peak RSS.
+
+Kept apart from what is measured (`benchmark.py`) so that every number in `results/speedup.md`
+comes from one small set of rules: a fixed thread count, warm-up runs before the clock starts,
+the models compared with each other timed interleaved, many repeats summarised by median and
+p10/p90 (one lucky run proves nothing on a shared machine), and the session options written down
+next to the figures.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+PROC_STATUS = Path("/proc/self/status")
+PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def gpu_available() -> bool:
+    """A GPU that CUDA can really use; onnxruntime-gpu lists its CUDA provider even without one."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def choose_providers(setting: str | list[str]) -> list[str]:
+    """`auto`: CUDA first only where a GPU really exists, else the CPU; a list is taken as given,
+    after checking that this onnxruntime build has every provider named."""
+    import onnxruntime as ort
+
+    if setting == "auto":
+        return [CUDA, CPU] if gpu_available() and CUDA in ort.get_available_providers() else [CPU]
+    if isinstance(setting, str):
+        raise ValueError(f"benchmark.providers = {setting!r}: expected 'auto' or a list such as [{CPU}]")
+    missing = [p for p in setting if p not in ort.get_available_providers()]
+    if missing or not setting:
+        raise ValueError(f"benchmark.providers = {setting!r}: {missing or 'empty list'} not available in "
+                         f"this onnxruntime; available: {ort.get_available_providers()}")
+    return list(setting)
+
+
+def session_settings(threads: int, prepacking: bool, providers: list[str]) -> dict:
+    """The options every benchmark session is created with, as recorded in the results."""
+    return {"providers": providers, "intra_op_threads": threads, "inter_op_threads": 1,
+            "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": GRAPH_OPTIMIZATION,
+            "prepacking": prepacking}
+
+
+def open_session(path: Path, settings: dict):
+    """An InferenceSession with `settings`; also returns the providers onnxruntime really used."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings["intra_op_threads"]
+    options.inter_op_num_threads = settings["inter_op_threads"]
+    options.execution_mode = getattr(ort.ExecutionMode, settings["execution_mode"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, settings["graph_optimization_level"])
+    options.log_severity_level = 3  # warnings about skipped constant folding of huge heads are expected
+    # Prepacking copies constant weights into the GEMM kernel's layout: it doubles the memory of a
+    # 3.3 GB head and, for the one-row GEMV of batch 1, was measured slower than the plain layout.
+    options.add_session_config_entry("session.disable_prepacking", "0" if settings["prepacking"] else "1")
+    session = ort.InferenceSession(str(path), options, providers=settings["providers"])
+    return session, session.get_providers()
+
+
+def spread(seconds: list[float]) -> dict[str, float]:
+    """Median and p10/p90 in milliseconds (plus min and mean) of repeated timings."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise ValueError("spread: no timings (benchmark.repeats must be positive)")
+    p10, median, p90 = np.percentile(ms, [10, 50, 90])
+    return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90),
+            "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "repeats": int(ms.size)}
+
+
+def time_call(call: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
+    """Run `call` `warmup` times untimed (allocations, caches, lazy init), then time `repeats` runs."""
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return spread(seconds)
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Time several models round-robin, one run of each per round with the order rotated, so a busy
+    neighbour or a clock change between rounds slows every model alike and their ratios hold."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    names = list(calls)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: spread(seconds[name]) for name in names}
+
+
+def memory_bandwidth(threads: int, mib: int, repeats: int) -> dict[str, float]:
+    """Streaming-read bandwidth of main memory in GB/s (1e9 bytes/s), median and best of repeats.
+
+    The buffer (`mib`, well above the last-level cache) is summed by torch with `threads` threads,
+    because the k-class head's GEMV reads its weights with that many onnxruntime threads: a
+    one-thread probe would understate what the head can draw. torch's vectorised sum is a kernel
+    independent of onnxruntime's GEMM, so a slow head kernel shows up as measured > predicted
+    instead of hiding inside the probe. numpy's one-thread sum is recorded too, for reference.
+    """
+    import torch
+
+    if mib <= 0 or repeats <= 0:
+        raise ValueError(f"memory_bandwidth: mib={mib} and repeats={repeats} must be positive")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(mib << 18, dtype=torch.float32)  # mib MiB of float32
+        nbytes = buffer.numel() * 4
+        timed = time_call(lambda: buffer.sum(), warmup=1, repeats=repeats)
+        flat = buffer.numpy()
+        single = time_call(lambda: flat.sum(), warmup=1, repeats=repeats)
+    finally:
+        torch.set_num_threads(previous)
+    del buffer, flat
+    return {"gbps": nbytes / timed["median_ms"] / 1e6, "gbps_best": nbytes / timed["min_ms"] / 1e6,
+            "numpy_1thread_gbps": nbytes / single["median_ms"] / 1e6, "threads": threads,
+            "buffer_mib": mib, "repeats": repeats, "method": f"torch.sum over {mib} MiB float32, "
+            f"{threads} threads, median of {repeats}"}
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's resident-set high-water mark (Linux: write 5 to clear_refs), so that
+    the peak is per k rather than since the process began; False where that is not possible."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the figures were measured on: they mean little without it."""
+    import onnxruntime as ort
+    import torch
+
+    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 0)
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    return {"cpu": cpu_model(), "cores": len(available), "memory_gb": round(pages / 1e9, 1),
+            "gpu": torch.cuda.get_device_name(0) if gpu_available() else None,
+            "onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "load_average": list(os.getloadavg())}

@@ -1,0 +1,174 @@
+"""The MLflow conventions of the project, in one place.
+
+One experiment (`mlflow.experiment`); per `train` run of the grid one parent run, and under it one
+child run per trial (loss x seed), named `<loss>-s<seed>` like its `models/` directory. Child runs
+carry the tags a person filters on in the UI (`tags.pols_aligned = 'true'`, `dataset`, `model`),
+and their params say what produced them (every train hyper-parameter, the git commit, a hash of
+the stage's params). Later stages (evaluate, export, benchmark) log into the same child runs, by
+the run id that `results/trials.json` records, through `trial_run`.
+
+Runs are created and closed with `MlflowClient` and explicit run ids rather than MLflow's global
+"active run", because the code that logs (Ray trials, Train workers) lives in other processes
+than the code that creates the runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import MlflowConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+SQLITE = "sqlite:///"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+
+
+def run_name(loss: str, seed: int) -> str:
+    """`<loss>-s<seed>`: the name of a trial's MLflow run and of its `models/` directory."""
+    return f"{loss}-s{seed}"
+
+
+def tracking_uri(cfg: MlflowConfig, root: Path = ROOT) -> str:
+    """`MLFLOW_TRACKING_URI`, else `mlflow.tracking_uri`, else `sqlite:///<root>/mlflow.db`.
+
+    A relative sqlite or file path is made absolute against `root`, because Ray runs trials and
+    workers in other working directories, where a relative path would open another database.
+    """
+    uri = os.environ.get(TRACKING_URI_ENV) or cfg.tracking_uri or f"{SQLITE}mlflow.db"
+    if uri.startswith(SQLITE):
+        return SQLITE + str((root / uri[len(SQLITE):]).resolve())
+    if "://" not in uri and not uri.startswith("file:"):
+        return str((root / uri).resolve())
+    return uri
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store sit beside the database in `mlruns/` (not in the cwd)."""
+    if uri.startswith(SQLITE):
+        return (Path(uri[len(SQLITE):]).parent / "mlruns").resolve().as_uri()
+    return None  # a server or a file store has its own default
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, creating it (with artifacts beside a sqlite db) on first use."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD's commit, with `-dirty` when tracked files differ from it; `unknown` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def params_hash(sections: dict) -> str:
+    """md5 of the stage's params sections as canonical JSON: equal hashes, equal settings
+    (the same values `dvc.lock` records for the stage)."""
+    return hashlib.md5(json.dumps(sections, sort_keys=True).encode()).hexdigest()
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dicts as MLflow params: `{"train": {"lr": 0.1}}` -> `{"train.lr": "0.1"}`."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, bool, type(None))) else str(value)
+    return flat
+
+
+def start_grid(uri: str, experiment: str, name: str, params: dict, tags: dict[str, str]) -> str:
+    """Create the parent run of one grid; returns its id."""
+    client = _client(uri)
+    run = client.create_run(experiment_id(uri, experiment), run_name=name, tags=tags)
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def start_trial(uri: str, parent_id: str, name: str, params: dict, tags: dict[str, str]) -> str:
+    """Create one trial's run under the grid's parent run; returns its id."""
+    client = _client(uri)
+    parent = client.get_run(parent_id)
+    run = client.create_run(parent.info.experiment_id, run_name=name,
+                            tags={**tags, PARENT_RUN_TAG: parent_id})
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def trial_tags(loss: str, pols_aligned: bool, dataset: str, model: str) -> dict[str, str]:
+    return {"loss": loss, "pols_aligned": str(pols_aligned).lower(), "dataset": dataset, "model": model}
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log numbers to a run from any process (a Ray worker, say) without making it active."""
+    from mlflow.entities import Metric
+    from mlflow.utils.time import get_current_time_millis
+
+    now = get_current_time_millis()
+    _client(uri).log_batch(run_id, metrics=[Metric(key, float(value), now, step)
+                                            for key, value in metrics.items()])
+
+
+def end_run(uri: str, run_id: str, finished: bool) -> None:
+    _client(uri).set_terminated(run_id, "FINISHED" if finished else "FAILED")
+
+
+@contextlib.contextmanager
+def trial_run(run_id: str, uri: str) -> Iterator:
+    """Make an existing run active for `mlflow.log_*` calls (e.g. `mlflow.pytorch.log_model`),
+    leaving its status alone: resuming a finished trial run must not mark it running again."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    client = _client(uri)
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
+        yield run
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+def log_model(uri: str, run_id: str, model, example) -> None:
+    """The trained network as the run's MLflow model "model". `example` (a float32 batch
+    (N, C, H, W), N > 1) is what MLflow 3 traces the model with (its default `pt2` format, which loads
+    without this project's code) and infers the signature from. Requirements are given, not
+    inferred: inference reloads the model in a subprocess, which takes seconds per trial."""
+    import mlflow
+    import torch
+
+    with trial_run(run_id, uri):
+        mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    for start in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+        chunk = list(flat.items())[start:start + 100]
+        client.log_batch(run_id, params=[Param(key, value) for key, value in chunk])
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient  # imported late: mlflow takes seconds to import
+
+    return MlflowClient(tracking_uri=uri)

@@ -1,0 +1,157 @@
+"""`slc`: score images, describe an export, or serve it over HTTP, from the command line.
+
+    slc score EXPORT_DIR --class 3 shirt.png boot.jpg batch.npy [--json]
+    slc info EXPORT_DIR [--json]
+    slc serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--max-batch 256] [--request-threads N] [--onnx-threads N]
+
+Exit codes: 0 done, 2 bad arguments, 3 a missing or tampered export (`EXIT_CODES`), 4 images or
+a class that cannot be scored. The `serve` defaults are those of params.yaml's `serving` section;
+`make serve` passes that section's values explicitly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from serving.errors import ExportError, InputError, UnknownClassError
+from serving.images import decode
+from serving.model import GRAPHS, SingleLogitModel
+
+# Error type -> exit status, most specific first (argparse itself exits with 2).
+EXIT_CODES: dict[type[Exception], int] = {ExportError: 3, InputError: 4}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except tuple(EXIT_CODES) as error:
+        print(f"slc {args.command}: {error}", file=sys.stderr)
+        return next(code for cls, code in EXIT_CODES.items() if isinstance(error, cls))
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="slc", description="Single logit classification with an exported model "
+                                                          "(exports/<run_name>/ from `dvc repro`).")
+    commands = top.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="the logit and decision of one class for each image")
+    score.add_argument("export_dir", type=Path)
+    score.add_argument("--class", dest="class_", required=True, metavar="C",
+                       help="class id (0..k-1) or exact class name")
+    score.add_argument("images", nargs="+", type=Path, help="PNG/JPEG images or .npy arrays of images")
+    score.add_argument("--recall", type=float, default=None,
+                       help="recall target whose calibrated threshold decides (default 0.99)")
+    score.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    score.set_defaults(run=run_score)
+    info = commands.add_parser("info", help="what the export holds (after checking every file)")
+    info.add_argument("export_dir", type=Path)
+    info.add_argument("--json", action="store_true", help="print the full description as JSON")
+    info.set_defaults(run=run_info)
+    serve = commands.add_parser("serve", help="serve the export over HTTP with uvicorn (OpenAPI docs at /docs)")
+    serve.add_argument("export_dir", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=positive, default=8000)
+    serve.add_argument("--max-batch", type=positive, default=256, help="images taken per request at most")
+    serve.add_argument("--request-threads", type=positive, default=None,
+                       help="requests decoded and scored at once (default: one per CPU)")
+    serve.add_argument("--onnx-threads", type=positive, default=None,
+                       help="onnxruntime intra-op threads per inference (default: onnxruntime's, one per core)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=run_serve)
+    for command in (score, info, serve):
+        command.add_argument("--graph", default="single_logit", choices=list(GRAPHS),
+                             help="single_logit.onnx (default) or the full model.onnx")
+    return top
+
+
+def positive(text: str) -> int:
+    """argparse type of counts: a usage error (exit 2) names the flag and the value."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def run_score(args) -> int:
+    model = SingleLogitModel.load(args.export_dir, graph=args.graph)
+    class_id = class_id_of(model, args.class_)
+    names, parts = [], []
+    for path in args.images:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise InputError(f"cannot read {path}: {error.strerror}") from None
+        part = model.prepare(decode(data, str(path), model.input_shape[1:]))
+        names += [str(path)] if len(part) == 1 else [f"{path}[{i}]" for i in range(len(part))]
+        parts.append(part)
+    result = model.classify(np.concatenate(parts), class_id,
+                            model.default_recall if args.recall is None else args.recall)
+    threshold = None if np.isnan(result.thresholds[0]) else float(result.thresholds[0])
+    decisions = result.decisions.tolist() if threshold is not None else [None] * len(names)
+    report = {"run_name": model.run_name, "class_id": class_id, "class_name": model.class_names[class_id],
+              "graph": model.graph, "recall": result.recall, "threshold": threshold,
+              "results": [{"image": name, "logit": float(logit), "decision": decision}
+                          for name, logit, decision in zip(names, result.logits, decisions)]}
+    print(json.dumps(report, indent=2) if args.json else _score_text(report))
+    return 0
+
+
+def _score_text(report: dict) -> str:
+    rule = (f"decision: logit >= {report['threshold']:.6g} (recall {report['recall']:g} on validation)"
+            if report["threshold"] is not None else "no calibrated threshold: logits only")
+    lines = [f"class {report['class_id']} ({report['class_name']}) of {report['run_name']}; {rule}"]
+    width = max(len(r["image"]) for r in report["results"])
+    for r in report["results"]:
+        decision = {True: "yes", False: "no", None: "-"}[r["decision"]]
+        lines.append(f"{r['image']:<{width}}  {r['logit']:>12.6g}  {decision}")
+    return "\n".join(lines)
+
+
+def class_id_of(model: SingleLogitModel, text: str) -> int:
+    """A class given by id or by exact name (`--class 3` or `--class Dress`)."""
+    if text.lstrip("-").isdigit():
+        class_id = int(text)
+        model.class_ids(class_id, 1)
+        return class_id
+    if text in model.class_names:
+        return model.class_names.index(text)
+    raise UnknownClassError(f"no class named {text!r}: pass an id 0..{model.num_classes - 1} or one of "
+                            f"{', '.join(map(repr, model.class_names[:10]))}{', ...' if model.num_classes > 10 else ''}")
+
+
+def run_info(args) -> int:
+    model = SingleLogitModel.load(args.export_dir, graph=args.graph)
+    description = model.describe()
+    if args.json:
+        print(json.dumps(description, indent=2))
+        return 0
+    names = description["class_names"]
+    worst = max(description["max_abs_diff"].values(), default=float("nan"))
+    print("\n".join([
+        f"run          {description['run_name']} (loss {description['loss']}, dataset {description['dataset']})",
+        f"input        image {description['input']['shape']} float32, normalisation {description['normalisation']}",
+        f"classes      {description['num_classes']}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}",
+        f"thresholds   recall {', '.join(f'{r:g}' for r in description['recalls']) or 'none'}",
+        f"graph        {description['graph_file']} (opset {description['opset']}) on {', '.join(description['providers'])}",
+        f"verified     {len(model.manifest['files'])} files match their sha256; max |ORT - PyTorch| at export {worst:.2e}",
+    ]))
+    return 0
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from serving.http import create_app
+    model = SingleLogitModel.load(args.export_dir, graph=args.graph, max_batch=args.max_batch,
+                                  threads=args.onnx_threads)
+    print(f"slc: serving {model.run_name} ({model.graph}) on http://{args.host}:{args.port} (docs at /docs)",
+          file=sys.stderr)
+    uvicorn.run(create_app(model, args.request_threads), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import benchmark
+from pipeline.onnx_graphs import write_single_logit
+from tests.unit.test_benchmark import tiny_backbone
+
+TINY = {"architectures": ["mlp"], "num_classes": [1, 1000], "batch_size": 2, "threads": 1, "warmup": 1,
+        "repeats": 3, "providers": "auto", "prepacking": False, "bandwidth_mib": 16}
+
+
+def tiny_params(tmp_path):
+    params = yaml.safe_load(open("params.yaml"))
+    params["benchmark"] = TINY
+    params["model"]["hidden"] = 32
+    params["mlflow"] = {"experiment": "slc-test", "tracking_uri": None}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def a_trained_export(exports):
+    """What the export stage leaves for one run, on a tiny backbone: enough to be timed."""
+    run = exports / "bce-s0"
+    run.mkdir(parents=True)
+    backbone = tiny_backbone(4)
+    (run / "backbone.onnx").write_bytes(backbone.SerializeToString())
+    write_single_logit(run, np.ones((3, 4), np.float32), np.zeros(3, np.float32), backbone=backbone)
+
+
+@pytest.mark.slow
+def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    a_trained_export(tmp_path / "exports")
+    out = tmp_path / "out"
+    results = benchmark.main(["--params", str(tiny_params(tmp_path)), "--exports", str(tmp_path / "exports"),
+                              "--metrics", str(out / "speedup.json"), "--table", str(out / "speedup.md"),
+                              "--plots", str(out / "plots"), "--workdir", str(tmp_path)])
+
+    per_k = results["architectures"]["mlp"]["k"]
+    assert sorted(per_k, key=int) == ["1", "1000"]
+    for r in per_k.values():
+        assert all(r[kind]["median_ms"] > 0 and r[kind]["repeats"] == 3 for kind in ("backbone", "full", "single_logit"))
+        assert r["full"]["providers_used"] == ["CPUExecutionProvider"] and r["peak_rss_gb"] > 0
+    assert results["architectures"]["mlp"]["d"] == 32
+    assert set(results["exports"]["bce-s0"]) == {"model", "backbone", "single_logit"}
+    assert results["bandwidth"]["gbps"] > 0
+    assert json.loads((out / "speedup.json").read_text())["goals"] == results["goals"]
+    assert "| mlp (ours) |" in (out / "speedup.md").read_text()
+    assert (out / "plots" / "speedup.png").exists() and (out / "plots" / "speedup.csv").exists()
+    assert [p.name for p in tmp_path.glob("slc-benchmark-*")] == []  # the models were removed
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("slc-test").experiment_id])
+    assert run.info.run_name == "benchmark" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "mlp/speedup")] == [1, 1000]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"speedup.md", "speedup.png"}

@@ -1,0 +1,311 @@
+"""The export stage: single-logit ONNX files that match PyTorch, share weights, and refuse tampering."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from onnx import numpy_helper
+
+from pipeline import export as stage
+from pipeline.config import ModelConfig, load_params
+from pipeline.export import ExportError, export_model, export_runs, verify_manifest
+from pipeline.models import build_model, save_trained
+from pipeline.onnx_graphs import SyntheticRows, write_single_logit
+from pipeline.prepare import prepare
+from tests.formats import write_idx_gz
+
+PARAMS = load_params("params.yaml")
+K = 5
+# One of each kind of network: the paper's two and a torchvision one (squeezenet: its head is
+# built by surgery, and FitInput upsamples and repeats channels inside the graph).
+NETWORKS = {"mlp": (ModelConfig("mlp", 16, 4), (1, 12, 12)),
+            "conv6": (ModelConfig("conv6", 16, 4), (1, 8, 8)),
+            "squeezenet1_1": (ModelConfig("squeezenet1_1", 16, 4), (3, 16, 16))}
+MANIFEST_KEYS = {"format_version", "run_name", "loss", "dataset", "class_names", "num_classes", "feature_dim",
+                 "input", "normalisation", "opset", "thresholds", "class_id_range", "models", "files",
+                 "max_abs_diff"}
+
+
+def info_for(shape, k=K):
+    return {"run_name": "bce-s0", "loss": "bce", "dataset": "tiny", "class_names": [f"c{i}" for i in range(k)],
+            "input_shape": list(shape), "normalisation": {"mean": [0.5] * shape[0], "std": [0.25] * shape[0]},
+            "pixel_scale": 255.0}
+
+
+def tiny_model(name="mlp", seed=0):
+    cfg, shape = NETWORKS[name]
+    torch.manual_seed(seed)
+    return build_model(cfg, shape, K).eval(), shape
+
+
+def images(shape, n=6, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32))
+
+
+THRESHOLDS = {"0.9": [0.5] * K, "0.99": [-1.0] * (K - 1) + [float("nan")]}
+
+
+@pytest.fixture(scope="module")
+def export_of(tmp_path_factory):
+    """Each network exported once per module (an export costs seconds), shared by the tests."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            model, shape = tiny_model(name)
+            out = tmp_path_factory.mktemp(name) / "bce-s0"
+            done[name] = model, out, export_model(model, out, info_for(shape), THRESHOLDS, images(shape)), shape
+        return done[name]
+    return get
+
+
+@pytest.fixture(params=sorted(NETWORKS))
+def exported(request, export_of):
+    return export_of(request.param)
+
+
+@pytest.fixture
+def mlp_copy(export_of, tmp_path):
+    """A copy of the mlp export that a test may damage."""
+    return Path(shutil.copytree(export_of("mlp")[1], tmp_path / "bce-s0"))
+
+
+def run(path, **feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+# ---------- what an export holds ----------
+
+def test_manifest_follows_the_contract(exported):
+    model, out, manifest, shape = exported
+    assert set(manifest) == MANIFEST_KEYS
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
+    assert manifest["num_classes"] == K and manifest["class_id_range"] == [0, K - 1]
+    assert manifest["feature_dim"] == model.head.in_features
+    assert manifest["input"] == {"name": "image", "shape": list(shape), "dtype": "float32"}
+    assert manifest["normalisation"]["pixel_scale"] == 255.0
+    assert manifest["thresholds"]["0.99"][-1] is None, "a NaN threshold is written as JSON null"
+    assert manifest["models"]["classes"] == {str(c): f"class_{c}.onnx" for c in range(K)}
+    on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+
+
+def test_every_model_matched_pytorch_within_atol_at_export(exported):
+    _, out, manifest, _ = exported
+    onnx_files = {p.name for p in out.glob("*.onnx")}
+    assert set(manifest["max_abs_diff"]) == onnx_files
+    assert all(0 <= diff <= 1e-4 for diff in manifest["max_abs_diff"].values())
+
+
+def test_onnxruntime_reproduces_pytorch_on_new_images(exported):
+    model, out, _, shape = exported
+    x = images(shape, n=3, seed=7)
+    with torch.inference_mode():
+        features, logits = model.features(x).numpy(), model(x).numpy()
+    class_id = np.array([4, 0, 2])
+    np.testing.assert_allclose(run(out / "backbone.onnx", image=x.numpy()), features, atol=1e-4)
+    np.testing.assert_allclose(run(out / "model.onnx", image=x.numpy()), logits, atol=1e-4)
+    np.testing.assert_allclose(run(out / "single_logit.onnx", image=x.numpy(), class_id=class_id),
+                               logits[np.arange(3), class_id], atol=1e-4)
+    np.testing.assert_allclose(run(out / "class_3.onnx", image=x.numpy()), logits[:, 3], atol=1e-4)
+
+
+def test_every_model_passes_the_checker_and_has_a_dynamic_batch(exported):
+    _, out, _, _ = exported
+    for path in out.glob("*.onnx"):
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path), load_external_data=False).graph
+        for value in [*graph.input, *graph.output]:
+            assert value.type.tensor_type.shape.dim[0].dim_param, f"{path.name}:{value.name} has a fixed batch"
+
+
+def external_locations(model):
+    return {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def inline_bytes(model):
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if not t.external_data)
+
+
+def test_class_files_share_the_backbone_weights_and_add_d_plus_1_floats(exported):
+    _, out, manifest, _ = exported
+    backbone = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
+    for c, name in manifest["models"]["classes"].items():
+        model = onnx.load(str(out / name), load_external_data=False)
+        assert external_locations(model) == external_locations(backbone) == {"backbone.weights"}
+        assert inline_bytes(model) - inline_bytes(backbone) == 4 * (manifest["feature_dim"] + 1)
+
+
+def test_external_data_stays_in_the_export_folder(exported):
+    _, out, _, _ = exported
+    for path in out.glob("*.onnx"):
+        for location in external_locations(onnx.load(str(path), load_external_data=False)):
+            assert "/" not in location and ".." not in location and (out / location).is_file()
+
+
+def test_an_intact_export_passes_verify_manifest(exported):
+    _, out, manifest, _ = exported
+    assert verify_manifest(out) == json.loads(json.dumps(manifest))
+
+
+# ---------- choices and failures of export_model ----------
+
+def test_classes_none_writes_no_class_files_but_single_logit_covers_every_class(tmp_path):
+    model, shape = tiny_model()
+    manifest = export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes="none")
+    assert manifest["models"]["classes"] == {} and not list((tmp_path / "run").glob("class_*"))
+    assert manifest["thresholds"] == {} and "single_logit.onnx" in manifest["max_abs_diff"]
+
+
+def test_a_list_of_classes_exports_only_those(tmp_path):
+    model, shape = tiny_model()
+    manifest = export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes=[3, 1])
+    assert manifest["models"]["classes"] == {"1": "class_1.onnx", "3": "class_3.onnx"}
+
+
+def test_a_class_id_out_of_range_is_refused_with_the_valid_range(tmp_path):
+    model, shape = tiny_model()
+    with pytest.raises(ExportError, match=r"\[5\].*\[0, 4\]"):
+        export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes=[0, 5])
+
+
+def test_thresholds_for_another_number_of_classes_are_refused(tmp_path):
+    model, shape = tiny_model()
+    with pytest.raises(ExportError, match="3 values, the model has 5 classes"):
+        export_model(model, tmp_path / "run", info_for(shape), {"0.9": [0.0] * 3}, images(shape))
+
+
+def test_info_without_the_normalisation_is_refused(tmp_path):
+    model, shape = tiny_model()
+    info = {k: v for k, v in info_for(shape).items() if k != "normalisation"}
+    with pytest.raises(ExportError, match="lacks normalisation"):
+        export_model(model, tmp_path / "run", info, None, images(shape))
+
+
+def test_a_file_that_disagrees_with_pytorch_fails_naming_it_and_keeps_the_old_export(mlp_copy, monkeypatch):
+    model, shape = tiny_model()
+    out, before = mlp_copy, (mlp_copy / "manifest.json").read_text()
+
+    def shifted_head(out_dir, weight, bias, **kwargs):
+        return write_single_logit(out_dir, weight, bias + 0.01, **kwargs)
+    monkeypatch.setattr(stage, "write_single_logit", shifted_head)
+    with pytest.raises(ExportError, match=r"model\.onnx differs from PyTorch by 0\.01 .*verify_atol"):
+        export_model(model, out, info_for(shape), None, images(shape), classes="none")
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in out.parent.iterdir()] == [out.name], "temp folder left behind"
+
+
+# ---------- verify_manifest refuses what was changed ----------
+
+def test_a_truncated_file_is_refused(mlp_copy):
+    weights = mlp_copy / "backbone.weights"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ExportError, match=r"backbone\.weights has \d+ bytes, the manifest says \d+"):
+        verify_manifest(mlp_copy)
+
+
+def test_a_corrupt_file_of_the_right_size_is_refused(mlp_copy):
+    weights = mlp_copy / "head.weights"
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"head\.weights is corrupt: sha256"):
+        verify_manifest(mlp_copy)
+
+
+def test_a_manifest_whose_hash_does_not_match_is_refused(mlp_copy):
+    manifest = json.loads((mlp_copy / "manifest.json").read_text())
+    manifest["files"]["single_logit.onnx"]["sha256"] = "0" * 64
+    (mlp_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"single_logit\.onnx is corrupt"):
+        verify_manifest(mlp_copy)
+
+
+def test_a_missing_file_is_refused(mlp_copy):
+    (mlp_copy / "class_2.onnx").unlink()
+    with pytest.raises(ExportError, match=r"class_2\.onnx is listed in the manifest but missing"):
+        verify_manifest(mlp_copy)
+
+
+def test_a_manifest_that_is_not_json_is_refused(mlp_copy):
+    (mlp_copy / "manifest.json").write_text('{"format_version": 1, "files": {')
+    with pytest.raises(ExportError, match="not a valid manifest"):
+        verify_manifest(mlp_copy)
+
+
+# ---------- the stage ----------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny prepared Fashion-MNIST-format data and two saved mlp runs, as train leaves them."""
+    root = tmp_path_factory.mktemp("stage")
+    write_idx_gz(root / "raw" / "FashionMNIST" / "raw", n_train=40, n_test=12)
+    data_cfg = dataclasses.replace(PARAMS.data, name="fashion_mnist", root=str(root / "raw"))
+    meta = prepare(data_cfg, root / "prepared")
+    cfg = ModelConfig("mlp", 8, 4)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        info = {"run_name": f"bce-s{seed}", "loss": "bce", "seed": seed, "model": dataclasses.asdict(cfg),
+                "train": dataclasses.asdict(PARAMS.train), "dataset": meta["dataset"],
+                "input_shape": meta["input_shape"], "num_classes": 10, "class_names": meta["class_names"],
+                "normalisation": meta["normalisation"]}
+        save_trained(build_model(cfg, tuple(meta["input_shape"]), 10), root / "models" / f"bce-s{seed}", info)
+    (root / "thresholds.json").write_text(json.dumps({f"bce-s{s}": {"0.9": [0.0] * 10} for s in (0, 1)}))
+    return root
+
+
+def stage_config(**changes):
+    return dataclasses.replace(PARAMS.export, classes=[0], verify_images=4, **changes)
+
+
+def test_the_stage_exports_every_run_from_its_command_line(trained, tmp_path):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["export"].update(classes=[9], verify_images=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage.main(["--params", str(tmp_path / "params.yaml"), "--models", str(trained / "models"),
+                "--thresholds", str(trained / "thresholds.json"), "--data", str(trained / "prepared"),
+                "--out", str(tmp_path / "exports")])
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["bce-s0", "bce-s1"]
+    manifest = verify_manifest(tmp_path / "exports" / "bce-s1")
+    assert manifest["run_name"] == "bce-s1" and manifest["thresholds"] == {"0.9": [0.0] * 10}
+    assert manifest["normalisation"]["pixel_scale"] == 255.0 and list(manifest["models"]["classes"]) == ["9"]
+
+
+def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path):
+    with pytest.raises(ExportError, match="ce-s0, not trained; available runs: bce-s0, bce-s1"):
+        export_runs(stage_config(runs=["ce-s0"]), trained / "models", trained / "thresholds.json",
+                    trained / "prepared", tmp_path / "exports")
+
+
+def test_a_run_without_thresholds_asks_for_evaluate(trained, tmp_path):
+    (tmp_path / "thresholds.json").write_text(json.dumps({"bce-s0": {"0.9": [0.0] * 10}}))
+    with pytest.raises(ExportError, match=r"no thresholds for bce-s1: run `dvc repro evaluate`"):
+        export_runs(stage_config(), trained / "models", tmp_path / "thresholds.json",
+                    trained / "prepared", tmp_path / "exports")
+    with pytest.raises(ExportError, match=r"not found: run `dvc repro evaluate`"):
+        export_runs(stage_config(), trained / "models", tmp_path / "missing.json",
+                    trained / "prepared", tmp_path / "exports")
+
+
+# ---------- scale ----------
+
+@pytest.mark.slow
+def test_a_head_over_protobufs_2gb_limit_is_written_and_scored_from_external_data(tmp_path):
+    """2048 x 270,000 float32 = 2.2 GB, written in chunks: never one protobuf, never one array."""
+    d, k = 2048, 270_000
+    rows = SyntheticRows(k, d, seed=0)
+    bias = np.linspace(-1, 1, k, dtype=np.float32)
+    path = write_single_logit(tmp_path, rows, bias, kinds=("single_logit",))["single_logit"]
+    assert (tmp_path / "head.weights").stat().st_size > 2**31 and path.stat().st_size < 10_000
+    onnx.checker.check_model(str(path))
+    class_id = np.array([0, 1023, 1024, 150_000, k - 1], np.int64)
+    features = np.random.default_rng(2).standard_normal((len(class_id), d), dtype=np.float32)
+    logit = run(path, features=features, class_id=class_id)
+    expected = np.einsum("nd,nd->n", features, rows.rows(class_id)) + bias[class_id]
+    np.testing.assert_allclose(logit, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,218 @@
+"""The loss grid on real Ray: DDP shards, MLflow structure, outputs, an existing cluster, faults."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import grid, losses
+from pipeline.config import ConfigError, load_params
+from pipeline.data import PreparedData
+from pipeline.models import load_trained
+from pipeline.prepare import prepare
+
+PARAMS = load_params("params.yaml")
+RAY = PARAMS.ray
+
+
+def test_workers_share_the_cpus_left_after_the_trial_drivers():
+    two_trials = dataclasses.replace(RAY, num_workers=1, cpus_per_worker=None, max_concurrent_trials=2)
+    assert grid.worker_resources(two_trials, {"CPU": 2.0}) == {"CPU": 0.99}
+    ddp = dataclasses.replace(RAY, num_workers=2, cpus_per_worker=None, max_concurrent_trials=2)
+    assert grid.worker_resources(ddp, {"CPU": 2.0}) == {"CPU": 0.49}
+
+
+def test_trials_that_cannot_fit_the_cluster_fail_before_starting():
+    greedy = dataclasses.replace(RAY, num_workers=2, cpus_per_worker=1.0, max_concurrent_trials=1)
+    with pytest.raises(ConfigError, match=r"need 2.01 CPUs but the Ray cluster has 2.*lower ray"):
+        grid.worker_resources(greedy, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="GPU"):
+        grid.worker_resources(dataclasses.replace(RAY, use_gpu=True), {"CPU": 8.0})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """2,000 real Fashion-MNIST images (1,800 train, 200 val)."""
+    out = tmp_path_factory.mktemp("fashion") / "prepared"
+    prepare(dataclasses.replace(PARAMS.data, name="fashion_mnist", train_limit=2000), out)
+    return out
+
+
+def tiny_params(tmp_path, losses_=("ce", "bce"), epochs=1, **ray_changes):
+    return dataclasses.replace(
+        PARAMS, model=dataclasses.replace(PARAMS.model, name="mlp", hidden=32),
+        train=dataclasses.replace(PARAMS.train, epochs=epochs, batch_size=64),
+        grid=dataclasses.replace(PARAMS.grid, losses=list(losses_), seeds=[0]),
+        ray=dataclasses.replace(RAY, address=None, num_cpus=2, cpus_per_worker=None, **ray_changes),
+        mlflow=dataclasses.replace(PARAMS.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+
+
+@pytest.fixture
+def ray_session(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    ray.shutdown()
+
+
+def run(params, prepared, tmp_path):
+    return grid.run_grid(params, prepared, tmp_path / "models", tmp_path / "results" / "trials.json",
+                         tmp_path / "ray_results")
+
+
+@pytest.mark.slow
+def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_path, ray_session):
+    params = tiny_params(tmp_path, num_workers=2, max_concurrent_trials=1)
+    records = run(params, prepared, tmp_path)
+
+    assert json.loads((tmp_path / "results" / "trials.json").read_text()) == records
+    assert [(r["run_name"], r["status"], r["epochs"]) for r in records] == [("ce-s0", "finished", 1),
+                                                                           ("bce-s0", "finished", 1)]
+    for r in records:  # two ranks, each on its own half of the 1,800 training images
+        assert r["world_size"] == 2 and r["shard_sizes"] == [900, 900] and r["distinct_samples"] == 1800
+        assert r["error"] is None and r["wall_time_s"] > 0 and r["samples_per_s"] > 0
+        model, info = load_trained(r["model_dir"])
+        assert info["run_name"] == r["run_name"] and info["loss"] == r["loss"]
+
+    client = MlflowClient(params.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.mlflow.runName LIKE 'grid-%'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in records}
+    assert parent.info.status == "FINISHED"
+    aligned = client.search_runs([experiment.experiment_id], "tags.pols_aligned = 'true'")
+    assert [run.info.run_name for run in aligned] == ["bce-s0"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["train.epochs"] == "1" and child.data.params["model.hidden"] == "32"
+        assert {"git_commit", "params_hash", "loss", "seed", "dataset"} <= child.data.params.keys()
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
+        assert {"train_loss", "val_mean_auprc"} <= child.data.metrics.keys()
+
+    ce = records[0]
+    images = torch.stack([PreparedData(prepared).split("test")[i][0] for i in range(3)])
+    logged = mlflow.pytorch.load_model(f"runs:/{ce['mlflow_run_id']}/model")
+    model, _ = load_trained(ce["model_dir"])
+    with torch.no_grad():
+        np.testing.assert_allclose(logged(images).numpy(), model(images).numpy(), atol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"`ray start --head` did not listen on port {port} (exit status {process.poll()})")
+
+
+def forget_cluster(port: int) -> None:
+    """`ray start` leaves its address in /tmp/ray/ray_current_cluster after it stops; a later
+    `ray.init()` (and Ray's state API inside any later cluster) would try to reach it."""
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
+
+
+@pytest.mark.slow
+def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_path):
+    params = tiny_params(tmp_path, losses_=("batch_ce",), num_workers=1, max_concurrent_trials=1)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw.update({name: dataclasses.asdict(getattr(params, name)) for name in ("model", "train", "grid", "ray", "mlflow")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: no token to hand to the stage
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--num-cpus=2", f"--dashboard-port={free_port()}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, head)
+        stage = subprocess.run(
+            [sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"), "--data", str(prepared),
+             "--models", str(tmp_path / "models"), "--results", str(tmp_path / "trials.json"),
+             "--ray-results", str(tmp_path / "ray_results")],
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        forget_cluster(port)
+    assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
+    assert f"Connecting to existing Ray cluster at address: " in stage.stderr  # not a new local one
+    assert f":{port}..." in stage.stderr
+    (record,) = json.loads((tmp_path / "trials.json").read_text())
+    assert record["status"] == "finished" and (tmp_path / "models" / "batch_ce-s0" / "model.pt").exists()
+
+
+def kill_train_worker_after_first_epoch(uri: str, killed: list, stop: threading.Event):
+    """Once the driver has logged ce-s0's first epoch (so Ray has registered its checkpoint),
+    SIGKILL the Train worker processes of this test's Ray."""
+    client = MlflowClient(uri)
+    while not stop.is_set() and not killed:
+        time.sleep(0.05)
+        try:
+            runs = client.search_runs(client.get_experiment_by_name(PARAMS.mlflow.experiment).experiment_id,
+                                      "tags.mlflow.runName = 'ce-s0'")
+        except Exception:  # the experiment is not created yet
+            continue
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
+            for worker in psutil.Process().children(recursive=True):
+                if "RayTrainWorker" in " ".join(worker.cmdline() or [worker.name()]):
+                    worker.kill()
+                    killed.append(worker.pid)
+
+
+EPOCHS = 20  # enough that the kill lands while ce-s0 is still training
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(prepared, tmp_path, ray_session,
+                                                                              monkeypatch):
+    def nan(logits, targets):
+        return logits.sum() * float("nan")
+
+    def register_nan_loss():  # run in every Ray worker process; nested, so Ray ships it by value
+        from pipeline import losses as registry
+        registry.LOSSES["nan"] = nan
+
+    monkeypatch.setitem(losses.LOSSES, "nan", nan)
+    ray.init(num_cpus=2, runtime_env={"worker_process_setup_hook": register_nan_loss})
+    params = tiny_params(tmp_path, losses_=("ce", "nan"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1,
+                         max_failures=1)
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=kill_train_worker_after_first_epoch,
+                              args=(params.mlflow.tracking_uri, killed, stop), daemon=True)
+    killer.start()
+    try:
+        ce, nan = run(params, prepared, tmp_path)
+    finally:
+        stop.set()
+    assert killed, "no Train worker was found to kill"
+    assert ce["status"] == "finished" and ce["epochs"] == EPOCHS
+    assert 1 <= ce["resumed_from_epoch"] < EPOCHS, "the restarted worker began again instead of resuming"
+    assert nan["status"] == "failed" and "nan" in nan["error"] and nan["model_dir"] is None
+    assert grid.summarise([ce, nan]) == 0
+    assert grid.summarise([nan]) == 1
+    status = MlflowClient(params.mlflow.tracking_uri).get_run(nan["mlflow_run_id"]).info.status
+    assert status == "FAILED"

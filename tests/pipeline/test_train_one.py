@@ -1,0 +1,164 @@
+"""One training run: it learns, it is reproducible, it resumes, and it fails softly."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline import losses
+from pipeline.config import load_params
+from pipeline.data import PreparedData
+from pipeline.metrics import slc_metrics
+from pipeline.models import load_trained, save_trained
+from pipeline.prepare import prepare
+from pipeline.train import RunConfig, predict_logits, train_one, trained_info
+
+PARAMS = load_params("params.yaml")
+
+
+def run_config(loss="ce", epochs=2, model=None, **train):
+    return RunConfig(loss, 0, model or PARAMS.model, dataclasses.replace(PARAMS.train, epochs=epochs, **train))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> PreparedData:
+    """Seeded synthetic data: 5 classes of 8x8 prototypes plus noise, 180 training images."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic = dataclasses.replace(PARAMS.data.synthetic, num_classes=5, train_per_class=40, test_per_class=10,
+                                    image_size=8)
+    prepare(dataclasses.replace(PARAMS.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
+            root / "prepared")
+    return PreparedData(root / "prepared")
+
+
+TINY_MLP = dataclasses.replace(PARAMS.model, name="mlp", hidden=16)
+
+
+def tiny_run(loss="ce", epochs=2, **train):
+    return run_config(loss, epochs, TINY_MLP, batch_size=32, **train)
+
+
+def weights(model):
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_seeded_run_is_reproducible(tiny, tmp_path):
+    first = train_one(tiny_run("nce"), tiny, tmp_path / "a", progress=False)
+    second = train_one(tiny_run("nce"), tiny, tmp_path / "b", progress=False)
+    assert first.status == second.status == "finished"
+    assert_same_weights(weights(first.model), weights(second.model))
+    assert [r.train_loss for r in first.history] == [r.train_loss for r in second.history]
+
+
+def test_each_epoch_is_reported_with_its_metrics_and_checkpoint(tiny, tmp_path):
+    reports = []
+    result = train_one(tiny_run(epochs=3), tiny, tmp_path, on_epoch=reports.append, progress=False)
+    assert [r.epoch for r in reports] == [1, 2, 3] and reports == result.history
+    assert all(0 <= r.val_accuracy <= 1 and 0 <= r.val_mean_auprc <= 1 and r.samples_per_s > 0 for r in reports)
+    assert (tmp_path / "epoch-0003" / "checkpoint.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0003"], "only the latest checkpoint is kept"
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after_first_epoch(report):
+    if report.epoch == 1:
+        raise Crash("the machine went away")
+
+
+@pytest.mark.parametrize("loss", ["ce", "nce"])
+def test_a_restarted_run_resumes_from_its_last_checkpoint_exactly(tiny, tmp_path, loss):
+    """nce draws noise from the training generator: its state must come back too."""
+    uninterrupted = train_one(tiny_run(loss), tiny, tmp_path / "straight", progress=False)
+    with pytest.raises(Crash):
+        train_one(tiny_run(loss), tiny, tmp_path / "crashy", on_epoch=crash_after_first_epoch, progress=False)
+    epochs_run = []
+    resumed = train_one(tiny_run(loss), tiny, tmp_path / "crashy", on_epoch=epochs_run.append, progress=False)
+    assert [r.epoch for r in epochs_run] == [2], "epoch 1 came from the checkpoint"
+    assert resumed.epochs_completed == 2 and resumed.history[0].train_loss == uninterrupted.history[0].train_loss
+    assert_same_weights(weights(resumed.model), weights(uninterrupted.model))
+
+
+def test_a_finished_run_can_be_extended_but_not_resumed_with_other_settings(tiny, tmp_path):
+    train_one(tiny_run(epochs=1), tiny, tmp_path, progress=False)
+    extended = train_one(tiny_run(epochs=2), tiny, tmp_path, progress=False)
+    assert [r.epoch for r in extended.history] == [1, 2]
+    with pytest.raises(ValueError, match="another configuration"):
+        train_one(tiny_run(epochs=3, lr=0.1), tiny, tmp_path, progress=False)
+
+
+def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def explodes_in_epoch_two(logits, targets):
+        calls.append(1)
+        value = losses.ce(logits, targets)
+        return value * float("nan") if len(calls) > 5 else value  # 180 images / 32 = 5 steps an epoch
+
+    monkeypatch.setitem(losses.LOSSES, "explodes", explodes_in_epoch_two)
+    result = train_one(tiny_run("explodes", epochs=3), tiny, tmp_path, progress=False)
+    assert result.status == "failed" and result.epochs_completed == 1
+    assert "epoch 2" in result.error and "nan" in result.error and "step 1 of 5" in result.error
+    assert (tmp_path / "epoch-0001" / "checkpoint.pt").exists(), "the last good checkpoint stays"
+
+
+def test_an_unknown_optimizer_lists_the_known_ones(tiny, tmp_path):
+    with pytest.raises(KeyError, match="adam, adamw, sgd"):
+        train_one(tiny_run(optimizer="lbfgs"), tiny, tmp_path, progress=False)
+
+
+def test_it_trains_under_distributed_data_parallel(tiny, tmp_path):
+    """The hooks a Ray Train worker passes: DDP around the model, a DistributedSampler in the loader."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def shard(loader):
+            sampler = DistributedSampler(loader.dataset, shuffle=True, seed=0)
+            return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler)
+
+        result = train_one(tiny_run(), tiny, tmp_path / "work", wrap_model=DistributedDataParallel,
+                           wrap_loader=shard, progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert result.status == "finished" and not isinstance(result.model, DistributedDataParallel)
+    assert result.history[-1].checkpoint_dir is not None
+
+
+def test_the_trained_model_saves_and_loads_with_its_config(tiny, tmp_path):
+    config = tiny_run(epochs=1)
+    result = train_one(config, tiny, tmp_path / "work", progress=False)
+    save_trained(result.model, tmp_path / config.run_name, trained_info(config, tiny))
+    loaded, info = load_trained(tmp_path / config.run_name)
+    assert info["run_name"] == "ce-s0" and info["class_names"] == tiny.class_names
+    test = tiny.split("test")
+    np.testing.assert_array_equal(predict_logits(loaded, test), predict_logits(result.model, test))
+
+
+@pytest.fixture(scope="module")
+def fashion_5000(tmp_path_factory) -> PreparedData:
+    """5,000 real Fashion-MNIST training images (4,500 train + 500 val) and the full test set."""
+    root = tmp_path_factory.mktemp("fashion")
+    prepare(dataclasses.replace(PARAMS.data, name="fashion_mnist", root=str(root / "raw"), train_limit=5000),
+            root / "prepared")
+    return PreparedData(root / "prepared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["ce", "batch_ce"])
+def test_the_paper_mlp_learns_fashion_mnist_from_5000_images_in_two_epochs(fashion_5000, tmp_path, loss):
+    result = train_one(run_config(loss, epochs=2, model=dataclasses.replace(PARAMS.model, name="mlp")),
+                       fashion_5000, tmp_path, progress=False)
+    test = fashion_5000.split("test")
+    metrics = slc_metrics(predict_logits(result.model, test), test.labels)
+    assert result.status == "finished"
+    assert metrics["accuracy"] > 0.75

@@ -1,0 +1,64 @@
+"""A small real export (pipeline.export on a tiny MLP), made once per test session.
+
+Five classes of 8x8 grey images; class 0 gets its own file; class 3 has no threshold at recall
+0.99 (NaN, as evaluate writes for a class without validation examples).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.export import export_model
+from pipeline.models import build_model
+
+SHAPE = (1, 8, 8)
+CLASSES = ["ant", "bee", "cat", "dog", "eel"]
+NORMALISATION = {"mean": [0.3], "std": [0.4]}
+THRESHOLDS = {"0.9": [0.1, -0.2, 0.0, 0.3, -0.1], "0.99": [-0.5, -0.6, -0.4, float("nan"), -0.7]}
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """A randomly initialised MLP stands in for a trained one: serving only needs it to be fixed."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name="mlp", hidden=16, channels=4), SHAPE, len(CLASSES)).eval()
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory, trained) -> Path:
+    info = {"run_name": "ce-s0", "loss": "ce", "dataset": "synthetic", "class_names": CLASSES,
+            "input_shape": list(SHAPE), "normalisation": NORMALISATION, "pixel_scale": 255.0}
+    images = torch.randn(4, *SHAPE)
+    out = tmp_path_factory.mktemp("exports") / "ce-s0"
+    export_model(trained, out, info, THRESHOLDS, images, classes=[0])
+    return out
+
+
+@pytest.fixture
+def export_copy(export_dir, tmp_path) -> Path:
+    """A private copy of the export, for tests that damage it."""
+    return Path(shutil.copytree(export_dir, tmp_path / "ce-s0"))
+
+
+@pytest.fixture
+def pixels() -> np.ndarray:
+    """Six raw uint8 grey images (N, H, W)."""
+    return np.random.default_rng(1).integers(0, 256, size=(6, *SHAPE[1:]), dtype=np.uint8)
+
+
+def reference_logits(trained, pixels: np.ndarray) -> np.ndarray:
+    """PyTorch logits (N, k) of raw pixels normalised as prepare does."""
+    x = (pixels[:, None].astype(np.float32) / 255.0 - np.float32(NORMALISATION["mean"][0])) / np.float32(
+        NORMALISATION["std"][0])
+    with torch.inference_mode():
+        return trained(torch.from_numpy(x)).numpy()
+
+
+def edit_manifest(export: Path, change) -> None:
+    manifest = json.loads((export / "manifest.json").read_text())
+    change(manifest)
+    (export / "manifest.json").write_text(json.dumps(manifest))

@@ -1,0 +1,145 @@
+"""The HTTP app through a real uvicorn server on 127.0.0.1 (`slc serve` in a child process).
+
+Every bad request gets the right 4xx and a message, and the next good request still succeeds with
+the library's answer.
+"""
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.http import max_request_bytes
+from serving.loadtest import Server
+from serving.model import SingleLogitModel
+from tests.serving.conftest import CLASSES, THRESHOLDS
+
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def url(export_dir):
+    with Server(export_dir, max_batch=MAX_BATCH) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def library(export_dir):
+    return SingleLogitModel.load(export_dir, max_batch=MAX_BATCH)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def upload(*parts: bytes) -> list:
+    return [("files", (f"part{i}", data)) for i, data in enumerate(parts)]
+
+
+def assert_good_request_succeeds(client, library, pixels):
+    response = client.post("/v1/classes/1/score", files=upload(png(pixels[0]), npy(pixels[1:3])))
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(response.json()["logits"], library.score(pixels[:3], 1), rtol=1e-6)
+
+
+def test_healthz_answers(client):
+    assert client.get("/healthz").json() == {"status": "ok", "run_name": "ce-s0"}
+
+
+def test_model_description_is_the_library_s(client, library):
+    assert client.get("/v1/model").json() == library.describe()
+
+
+def test_openapi_docs_are_served(client):
+    assert client.get("/docs").status_code == 200
+    assert "/v1/classes/{class_id}/score" in client.get("/openapi.json").json()["paths"]
+
+
+def test_png_uploads_get_the_library_s_logits_and_decisions(client, library, pixels):
+    response = client.post("/v1/classes/2/score", files=upload(*(png(p) for p in pixels[:MAX_BATCH])))
+    body = response.json()
+    assert response.status_code == 200 and body["class_name"] == CLASSES[2] and body["graph"] == "single_logit"
+    assert body["recall"] == 0.99 and body["threshold"] == THRESHOLDS["0.99"][2]
+    np.testing.assert_allclose(body["logits"], library.score(pixels[:MAX_BATCH], 2), rtol=1e-6)
+    assert body["decisions"] == library.decide(pixels[:MAX_BATCH], 2).tolist()
+
+
+def test_an_npy_batch_and_a_recall_target(client, library, pixels):
+    response = client.post("/v1/classes/0/score", params={"recall": 0.9}, files=upload(npy(pixels[:3])))
+    body = response.json()
+    assert body["recall"] == 0.9 and body["threshold"] == THRESHOLDS["0.9"][0]
+    assert body["decisions"] == library.decide(pixels[:3], 0, recall=0.9).tolist()
+
+
+def test_normalised_float_input_is_accepted(client, library, pixels):
+    floats = library.prepare(pixels[:2])
+    response = client.post("/v1/classes/4/score", files=upload(npy(floats)))
+    np.testing.assert_allclose(response.json()["logits"], library.score(pixels[:2], 4), rtol=1e-6)
+
+
+def test_a_class_without_threshold_answers_logits_and_null_decisions(client, pixels):
+    body = client.post("/v1/classes/3/score", files=upload(png(pixels[0]))).json()
+    assert body["threshold"] is None and body["decisions"] is None and len(body["logits"]) == 1
+
+
+def rgba(pixels):
+    return np.repeat(pixels[0][..., None], 4, axis=-1)
+
+
+BAD_REQUESTS = {
+    "unknown class": ("/v1/classes/99/score", lambda p: upload(png(p[0])), 404, "class 99 is not in this model"),
+    "negative class": ("/v1/classes/-1/score", lambda p: upload(png(p[0])), 404, "class -1"),
+    "class not a number": ("/v1/classes/bee/score", lambda p: upload(png(p[0])), 422, "class_id"),
+    "wrong size": ("/v1/classes/1/score", lambda p: upload(png(np.zeros((9, 8), np.uint8))), 422, "takes 8x8"),
+    "alpha channel array": ("/v1/classes/1/score", lambda p: upload(npy(rgba(p))), 422, "drop the alpha"),
+    "corrupt png": ("/v1/classes/1/score", lambda p: upload(png(p[0])[:40]), 400, "cannot be read"),
+    "not an image": ("/v1/classes/1/score", lambda p: upload(b"%PDF-1.4 hello"), 400, "not a PNG, JPEG or .npy"),
+    "pickled npy": ("/v1/classes/1/score", lambda p: upload(npy_pickled()), 400, "no pickled objects"),
+    "empty batch": ("/v1/classes/1/score", lambda p: upload(npy(p[:0])), 422, "empty"),
+    "too many images": ("/v1/classes/1/score", lambda p: upload(*[png(p[0])] * (MAX_BATCH + 1)), 413, "at most 4"),
+    "too large npy": ("/v1/classes/1/score", lambda p: upload(npy(p[:MAX_BATCH + 1])), 413, "at most 4"),
+    "npy plus image over the limit": ("/v1/classes/1/score", lambda p: upload(npy(p[:4]), png(p[0])), 413, "5 images"),
+    "no files": ("/v1/classes/1/score", lambda p: None, 422, "files"),
+    "int64 pixels": ("/v1/classes/1/score", lambda p: upload(npy(p[:2].astype(np.int64))), 422, "dtype int64"),
+    "float of wrong shape": ("/v1/classes/1/score", lambda p: upload(npy(np.zeros((2, 3, 8, 8), np.float32))),
+                             422, r"must be (1, 8, 8)"),
+    "NaN floats": ("/v1/classes/1/score", lambda p: upload(npy(np.full((1, 1, 8, 8), np.nan, np.float32))), 422, "NaN"),
+    "unknown recall": ("/v1/classes/1/score?recall=0.5", lambda p: upload(png(p[0])), 422, "0.9, 0.99"),
+}
+
+
+def npy_pickled() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_request_gets_a_4xx_and_the_server_keeps_serving(client, library, pixels, case):
+    path, files, status, message = BAD_REQUESTS[case]
+    response = client.post(path, files=files(pixels))
+    assert response.status_code == status, response.text
+    assert message in str(response.json()["detail"])
+    assert_good_request_succeeds(client, library, pixels)
+
+
+def test_a_body_too_large_for_any_batch_is_refused_before_it_is_read(client, library, pixels):
+    limit = max_request_bytes(library)
+    response = client.post("/v1/classes/1/score", files=upload(b"\0" * limit))
+    assert response.status_code == 413 and "bytes, at most" in response.json()["detail"]
+    assert_good_request_succeeds(client, library, pixels)

@@ -1,0 +1,193 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from pipeline import benchmark, speedup_report, timing
+from pipeline.config import BenchmarkConfig, ConfigError
+from pipeline.onnx_graphs import SyntheticRows
+
+CPU = ["CPUExecutionProvider"]
+SETTINGS = dict(architectures=["resnet50"], num_classes=[1, 16384, 400_000], batch_size=1, threads=2, warmup=5,
+                repeats=30, providers="auto", prepacking=False, bandwidth_mib=1024)
+
+
+def tiny_backbone(d: int) -> onnx.ModelProto:
+    """image (N, d) -> features = relu(image): a backbone small enough to check the heads by hand."""
+    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["features"])], "backbone",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", d])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", d])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+def test_first_rows_points_at_a_prefix_of_the_same_bytes(tmp_path):
+    weight, _ = benchmark.write_head(tmp_path, k=8, d=4)
+    prefix = benchmark.first_rows(weight, 5)
+    entries = {e.key: e.value for e in prefix.external_data}
+    original = {e.key: e.value for e in weight.external_data}
+    assert list(prefix.dims) == [5, 4] and list(weight.dims) == [8, 4]
+    assert entries["offset"] == original["offset"] and int(entries["length"]) == 5 * 4 * 4
+
+
+def test_first_rows_refuses_more_rows_than_written(tmp_path):
+    weight, _ = benchmark.write_head(tmp_path, k=8, d=4)
+    with pytest.raises(ValueError, match="9 rows"):
+        benchmark.first_rows(weight, 9)
+
+
+def test_models_at_small_k_compute_the_head_of_the_first_k_rows(tmp_path):
+    d, k_max, k = 4, 8, 5
+    weight, bias = benchmark.write_head(tmp_path, k_max, d)
+    paths = benchmark.write_models(tmp_path, tiny_backbone(d), weight, bias, k)
+    image = np.random.default_rng(1).standard_normal((3, d), dtype=np.float32)
+    expected = np.maximum(image, 0) @ SyntheticRows(k_max, d)[:k].T
+    full = ort.InferenceSession(str(paths["full"]), providers=CPU).run(None, {"image": image})[0]
+    class_id = np.array([0, 4, 2], np.int64)
+    single = ort.InferenceSession(str(paths["single_logit"]), providers=CPU).run(
+        None, {"image": image, "class_id": class_id})[0]
+    assert full.shape == (3, k)
+    np.testing.assert_allclose(full, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(single, expected[np.arange(3), class_id], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture, shape", [("resnet50", (3, 224, 224)), ("inception_v3", (3, 299, 299)),
+                                                 ("mlp", (1, 28, 28)), ("conv6", (3, 32, 32))])
+def test_input_shape_is_the_networks_own(architecture, shape):
+    assert benchmark.input_shape(architecture) == shape
+
+
+def test_unknown_architecture_names_the_choices():
+    with pytest.raises(KeyError, match="list_models"):
+        benchmark.input_shape("resnet5O")
+
+
+def test_prediction_is_backbone_plus_one_read_of_the_head():
+    # ResNet-50 at 400,000 classes: 2048 x 400,000 x 4 bytes = 3.2768 GB, at 10 GB/s 327.68 ms
+    assert benchmark.predicted_ms(10.0, 2048, 400_000, 10.0) == pytest.approx(337.68)
+
+
+def test_compare_gives_the_ratios_the_goals_are_judged_on():
+    r = benchmark.compare(backbone_ms=10.0, full_ms=40.0, single_ms=10.5, d=1000, k=1_000_000, gbps=16.0)
+    assert r["predicted_full_ms"] == pytest.approx(260.0)
+    assert r["speedup"] == pytest.approx(40.0 / 10.5)
+    assert r["speedup_limit"] == pytest.approx(26.0)
+    assert r["full_vs_predicted"] == pytest.approx(40.0 / 260.0)
+    assert r["single_vs_backbone"] == pytest.approx(1.05)
+
+
+def test_spread_reports_median_and_p10_p90_in_ms():
+    s = timing.spread([i / 1000 for i in range(1, 12)])  # 1..11 ms
+    assert (s["median_ms"], s["p10_ms"], s["p90_ms"], s["min_ms"], s["repeats"]) == pytest.approx((6, 2, 10, 1, 11))
+
+
+def test_time_call_warms_up_before_timing_and_times_each_repeat():
+    calls = []
+    result = timing.time_call(lambda: calls.append(1), warmup=3, repeats=7)
+    assert len(calls) == 10 and result["repeats"] == 7
+
+
+def test_interleaved_timing_rotates_the_order_every_round():
+    order = []
+    result = timing.time_interleaved({name: (lambda name=name: order.append(name)) for name in "abc"},
+                                     warmup=1, repeats=3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: r["repeats"] for name, r in result.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_bandwidth_probe_returns_a_positive_figure():
+    bandwidth = timing.memory_bandwidth(threads=1, mib=16, repeats=2)
+    assert bandwidth["gbps"] > 0 and bandwidth["numpy_1thread_gbps"] > 0
+    assert bandwidth["gbps_best"] >= bandwidth["gbps"]
+
+
+def test_auto_providers_take_cuda_only_where_a_gpu_really_exists(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [timing.CUDA, timing.CPU])
+    monkeypatch.setattr(timing, "gpu_available", lambda: False)
+    assert timing.choose_providers("auto") == [timing.CPU]
+    monkeypatch.setattr(timing, "gpu_available", lambda: True)
+    assert timing.choose_providers("auto") == [timing.CUDA, timing.CPU]
+
+
+def test_unavailable_provider_is_refused_with_the_available_ones():
+    with pytest.raises(ValueError, match="available"):
+        timing.choose_providers(["NoSuchExecutionProvider"])
+
+
+def test_session_records_the_provider_it_really_used(tmp_path):
+    path = tmp_path / "backbone.onnx"
+    onnx.save(tiny_backbone(4), path)
+    _, used = timing.open_session(path, timing.session_settings(1, False, [timing.CPU]))
+    assert used == [timing.CPU]
+
+
+def test_peak_rss_is_positive_after_a_reset():
+    timing.reset_peak_rss()
+    assert timing.peak_rss_gb() > 0
+
+
+def test_benchmark_params_reject_an_empty_k_list():
+    with pytest.raises(ConfigError, match="benchmark.num_classes"):
+        BenchmarkConfig(**{**SETTINGS, "num_classes": []})
+
+
+def measured(median: float) -> dict:
+    return {"median_ms": median, "p10_ms": median * 0.9, "p90_ms": median * 1.1, "min_ms": median * 0.8,
+            "mean_ms": median, "repeats": 30, "load_s": 0.1, "providers_used": [timing.CPU]}
+
+
+def fixed_results() -> dict:
+    """ResNet-50 at three k with round numbers: backbone 50 ms, 16 GB/s, the head at its limit."""
+    per_k = {}
+    for k in (1, 16384, 400_000):
+        full = benchmark.predicted_ms(50.0, 2048, k, 16.0)
+        per_k[str(k)] = {"backbone": measured(50.0), "single_logit": measured(50.0), "full": measured(full),
+                         **benchmark.compare(50.0, full, 50.0, 2048, k, 16.0),
+                         "peak_rss_gb": 1.0 + 4 * 2048 * k / 1e9, "head_gb": 4 * 2048 * k / 1e9}
+    architectures = {"resnet50": {"d": 2048, "input_shape": [3, 224, 224], "k": per_k}}
+    settings = {**SETTINGS, "session": timing.session_settings(2, False, [timing.CPU])}
+    return {"machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 24.0, "gpu": None, "onnxruntime": "1.0",
+                        "torch": "2.0", "load_average": [0.1, 0.1, 0.1]},
+            "settings": settings, "architectures": architectures, "exports": {},
+            "bandwidth": {"gbps": 16.0, "gbps_best": 17.0, "numpy_1thread_gbps": 5.0, "method": "test probe"},
+            "goals": benchmark.goals(architectures)}
+
+
+@pytest.mark.parametrize("k, label", [(16384, "2^14"), (262144, "2^18"), (370727, "2^18.5"), (400_000, "400,000"),
+                                      (1, "1")])
+def test_k_is_labelled_as_in_the_paper(k, label):
+    assert speedup_report.k_label(k) == label
+
+
+def test_table_puts_ours_the_limit_and_the_papers_side_by_side():
+    lines = speedup_report.table2_markdown(fixed_results()).splitlines()
+    assert lines[0] == "| architecture | SLC time | k = 1 | k = 2^14 | k = 400,000 |"
+    assert lines[2].startswith("| resnet50 (ours) | 50.0 ms | x1.00 | x1.17 | x5.10 |")
+    assert lines[3].startswith("| resnet50 (bandwidth limit) | 50.0 ms (backbone) | x1.00 | x1.17 | x5.10 |")
+    assert lines[4] == "| resnet50 (paper) | 6.1 ms | — | x1.08 | — |"
+
+
+def test_goals_are_measured_not_assumed():
+    goals = fixed_results()["goals"]
+    assert goals["single_within_1.05x_of_backbone"] and goals["full_within_1.15x_of_prediction"]
+    assert goals["resnet50_speedup_at_400000"] == pytest.approx(1 + 3.2768 / 16 * 1e3 / 50)
+
+
+def test_report_states_machine_settings_and_bandwidth_above_the_table():
+    text = speedup_report.speedup_markdown(fixed_results())
+    header = text.split("## Full k-class")[0]
+    for expected in ("Test CPU", "2 cores", "onnxruntime 1.0", "CPUExecutionProvider", "2 intra-op threads",
+                     "prepacking off", "5 warm-up then 30 timed runs", "16.0 GB/s"):
+        assert expected in header
+    assert "x1.08" in text and "No trained exports" in text
+
+
+def test_outputs_are_written_where_asked(tmp_path):
+    speedup_report.write_outputs(fixed_results(), tmp_path / "m" / "speedup.json", tmp_path / "r" / "speedup.md",
+                                 tmp_path / "p")
+    assert (tmp_path / "p" / "speedup.png").stat().st_size > 0
+    assert (tmp_path / "p" / "speedup.csv").read_text().splitlines()[0].startswith("architecture,k,")
+    assert len((tmp_path / "p" / "speedup.csv").read_text().splitlines()) == 4
+    assert '"max_full_vs_predicted"' in (tmp_path / "m" / "speedup.json").read_text()

@@ -1,0 +1,83 @@
+import re
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import MlflowConfig
+
+
+def test_run_name_is_loss_and_seed():
+    assert tracking.run_name("batch_ce", 3) == "batch_ce-s3"
+
+
+def test_tracking_uri_defaults_to_an_absolute_sqlite_db_at_the_root(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    assert tracking.tracking_uri(MlflowConfig("slc", None), tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_tracking_uri_makes_relative_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    assert tracking.tracking_uri(MlflowConfig("slc", "sqlite:///db/x.db"), tmp_path) == f"sqlite:///{tmp_path}/db/x.db"
+    assert tracking.tracking_uri(MlflowConfig("slc", "mlruns"), tmp_path) == str(tmp_path / "mlruns")
+    assert tracking.tracking_uri(MlflowConfig("slc", "http://host:5000"), tmp_path) == "http://host:5000"
+
+
+def test_environment_tracking_uri_wins_over_params(tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://tracking:5000")
+    assert tracking.tracking_uri(MlflowConfig("slc", "sqlite:///mine.db"), tmp_path) == "http://tracking:5000"
+
+
+def test_params_hash_changes_with_any_value_and_not_with_key_order():
+    a = {"train": {"lr": 0.1, "epochs": 2}, "grid": {"seeds": [0]}}
+    b = {"grid": {"seeds": [0]}, "train": {"epochs": 2, "lr": 0.1}}
+    assert tracking.params_hash(a) == tracking.params_hash(b)
+    assert tracking.params_hash(a) != tracking.params_hash({**a, "grid": {"seeds": [1]}})
+
+
+def test_flatten_names_nested_params_by_dotted_path():
+    assert tracking.flatten({"train": {"lr": 0.1, "nce_noise": "uniform"}, "seeds": [0, 1], "x": None}) == {
+        "train.lr": "0.1", "train.nce_noise": "uniform", "seeds": "[0, 1]", "x": "null"}
+
+
+def test_git_commit_names_the_checked_out_commit():
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tracking.git_commit())
+
+
+def test_git_commit_outside_a_repository_is_unknown(tmp_path):
+    assert tracking.git_commit(tmp_path) == "unknown"
+
+
+@pytest.fixture
+def uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+def test_trial_runs_are_children_of_the_grid_run_with_filterable_tags(uri):
+    parent = tracking.start_grid(uri, "slc", "grid", {"grid": {"losses": ["ce", "bce"]}}, {"dataset": "d"})
+    ce = tracking.start_trial(uri, parent, "ce-s0", {"loss": "ce", "train": {"lr": 0.1}},
+                              tracking.trial_tags("ce", False, "d", "mlp"))
+    bce = tracking.start_trial(uri, parent, "bce-s0", {"loss": "bce"}, tracking.trial_tags("bce", True, "d", "mlp"))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("slc")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert {run.info.run_id for run in children} == {ce, bce}
+    aligned = client.search_runs([experiment.experiment_id], "tags.pols_aligned = 'true'")
+    assert [run.info.run_name for run in aligned] == ["bce-s0"]
+    assert client.get_run(ce).data.params["train.lr"] == "0.1"
+    assert experiment.artifact_location.endswith("/mlruns")
+
+
+def test_metrics_are_logged_per_step_and_a_finished_run_stays_finished(uri):
+    run = tracking.start_grid(uri, "slc", "grid", {}, {})
+    tracking.log_metrics(uri, run, {"val_accuracy": 0.5}, step=1)
+    tracking.log_metrics(uri, run, {"val_accuracy": 0.7}, step=2)
+    tracking.end_run(uri, run, finished=True)
+    with tracking.trial_run(run, uri):
+        mlflow.log_metric("test_accuracy", 0.6)
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7)]
+    assert client.get_run(run).data.metrics["test_accuracy"] == 0.6
+    assert client.get_run(run).info.status == "FINISHED"
