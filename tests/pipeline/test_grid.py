@@ -165,9 +165,9 @@ def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_pa
     assert record["status"] == "finished" and (tmp_path / "models" / "batch_ce-s0" / "model.pt").exists()
 
 
-def kill_train_worker_after_first_epoch(uri: str, killed: list, stop: threading.Event):
-    """Once the driver has logged ce-s0's first epoch (so Ray has registered its checkpoint),
-    SIGKILL the Train worker processes of this test's Ray."""
+def kill_train_worker_after_second_epoch(uri: str, killed: list, stop: threading.Event):
+    """Once the driver has logged ce-s0's second epoch (so Ray has surely registered the first
+    epoch's checkpoint), SIGKILL the Train worker processes of this test's Ray."""
     client = MlflowClient(uri)
     while not stop.is_set() and not killed:
         time.sleep(0.05)
@@ -176,11 +176,14 @@ def kill_train_worker_after_first_epoch(uri: str, killed: list, stop: threading.
                                       "tags.mlflow.runName = 'ce-s0'")
         except Exception:  # the experiment is not created yet
             continue
-        if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_accuracy")) >= 2:
             for worker in psutil.Process().children(recursive=True):
-                if "RayTrainWorker" in " ".join(worker.cmdline() or [worker.name()]):
-                    worker.kill()
-                    killed.append(worker.pid)
+                try:  # Ray starts and reaps processes all the while: one may be gone by now
+                    if "RayTrainWorker" in " ".join(worker.cmdline() or [worker.name()]):
+                        worker.kill()
+                        killed.append(worker.pid)
+                except psutil.Error:
+                    continue
 
 
 EPOCHS = 20  # enough that the kill lands while ce-s0 is still training
@@ -201,16 +204,16 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
     params = tiny_params(tmp_path, losses_=("ce", "nan"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1,
                          max_failures=1)
     killed, stop = [], threading.Event()
-    killer = threading.Thread(target=kill_train_worker_after_first_epoch,
+    killer = threading.Thread(target=kill_train_worker_after_second_epoch,
                               args=(params.mlflow.tracking_uri, killed, stop), daemon=True)
     killer.start()
     try:
         ce, nan = run(params, prepared, tmp_path)
     finally:
         stop.set()
-    assert killed, "no Train worker was found to kill"
+    assert killed, f"no Train worker was found to kill before ce-s0 ended: {ce}"
     assert ce["status"] == "finished" and ce["epochs"] == EPOCHS
-    assert 1 <= ce["resumed_from_epoch"] < EPOCHS, "the restarted worker began again instead of resuming"
+    assert 1 <= ce["resumed_from_epoch"] < EPOCHS, f"the restarted worker did not resume: {ce}"
     assert nan["status"] == "failed" and "nan" in nan["error"] and nan["model_dir"] is None
     assert grid.summarise([ce, nan]) == 0
     assert grid.summarise([nan]) == 1
