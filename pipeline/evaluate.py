@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline import tracking
@@ -29,7 +28,7 @@ from pipeline.data import PreparedData
 from pipeline.losses import POLS_ALIGNED
 from pipeline.metrics import (logit_histograms, pols_summary, pr_curve_mean, precision_recall_at,
                               recall_key, slc_metrics)
-from pipeline.models import load_trained
+from pipeline.models import load_trained, predict_logits
 from pipeline.report import error_names, finite_or_none, table1_markdown, write_json, \
     write_plot_data, write_plot_pngs, write_text_atomic
 
@@ -95,18 +94,6 @@ def renormalisation(data_norm: dict, model_norm: dict) -> tuple[torch.Tensor, to
     m_d, s_d, m_m, s_m = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in
                           (data_norm["mean"], data_norm["std"], model_norm["mean"], model_norm["std"]))
     return s_d / s_m, (m_d - m_m) / s_m
-
-
-@torch.inference_mode()
-def compute_logits(model: torch.nn.Module, dataset, batch_size: int,
-                   scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   desc: str = "logits") -> np.ndarray:
-    """All logits (n, k) of a dataset, in its order, in batches."""
-    scale, shift = scale_shift if scale_shift is not None else (1.0, 0.0)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    chunks = [model(images * scale + shift).float().numpy()
-              for images, _ in tqdm(loader, desc=desc, leave=False)]
-    return np.concatenate(chunks)
 
 
 def _nan_stat(fn, values: np.ndarray) -> float:
@@ -230,7 +217,7 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
         check_same_classes(info, data)
         first_info = first_info or info
         shift = renormalisation(data.meta["normalisation"], info["normalisation"])
-        logits = {name: compute_logits(model, split, cfg.batch_size, shift, desc=f"{run} {name}")
+        logits = {name: predict_logits(model, split, cfg.batch_size, scale_shift=shift, desc=f"{run} {name}")
                   for name, split in ((val_split, val), (test_split, test))}
         results[run] = evaluate_logits(logits[val_split], val.labels, logits[test_split], test.labels,
                                        cfg.recalls, cfg.hist_bins)

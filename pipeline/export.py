@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import tracking
 from pipeline.config import ExportConfig, load_params
 from pipeline.data import PreparedData
-from pipeline.evaluate import renormalisation
+from pipeline.evaluate import read_trials, renormalisation
 from pipeline.models import load_trained
 from pipeline.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, \
     write_single_logit
@@ -271,20 +273,50 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
         raise ExportError(f"export.runs names {', '.join(unknown)}, not trained; available runs: {', '.join(available)}")
     thresholds = _read_thresholds(thresholds_path, runs)
     data = PreparedData(data_dir)
-    test = data.split("test")
-    n = min(cfg.verify_images, len(test))
-    images = torch.stack([image for image, _ in test.__getitems__(list(range(n)))])
     manifests = {}
     for run in tqdm(runs, desc="export"):
         model, info = load_trained(Path(models_dir) / run)
-        if tuple(info["input_shape"]) != tuple(data.input_shape):
-            raise ExportError(f"{run} takes images of shape {tuple(info['input_shape'])} but {data_dir} has "
-                              f"{tuple(data.input_shape)}: verify on data prepared at the model's image size")
-        scale, shift = renormalisation(data.meta["normalisation"], info["normalisation"])
+        images = verification_images(data, info, cfg.verify_images)
         info = {"pixel_scale": data.meta["pixel_scale"], **info}
-        manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images * scale + shift,
+        manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images,
                                       opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol)
     return manifests
+
+
+def verification_images(data: PreparedData, info: dict, n: int) -> torch.Tensor:
+    """The first n test images, normalised as the trained model `info` expects."""
+    if tuple(info["input_shape"]) != tuple(data.input_shape):
+        raise ExportError(f"{info['run_name']} takes images of shape {tuple(info['input_shape'])} but {data.root} "
+                          f"has {tuple(data.input_shape)}: verify on data prepared at the model's image size")
+    test = data.split("test")
+    images = torch.stack([image for image, _ in test.__getitems__(list(range(min(n, len(test)))))])
+    scale, shift = renormalisation(data.meta["normalisation"], info["normalisation"])
+    return images * scale + shift
+
+
+def log_to_mlflow(uri: str, trials: list[dict], exports_dir: Path, manifests: dict[str, dict],
+                  data: PreparedData) -> None:
+    """Each export's full and single-logit models (`mlflow.onnx`, two test images as the input
+    example) and its manifest, into the trial's MLflow run. As in evaluate, a run that cannot be
+    reached is a warning, never a reason to lose the stage's outputs."""
+    from mlflow import MlflowClient
+
+    for trial in trials:
+        run, run_id = trial["run_name"], trial.get("mlflow_run_id")
+        if run not in manifests or not run_id:
+            continue
+        manifest, export_dir = manifests[run], Path(exports_dir) / run
+        model_info = {"run_name": run, "input_shape": manifest["input"]["shape"],
+                      "normalisation": manifest["normalisation"]}
+        images = verification_images(data, model_info, 2).numpy()
+        class_ids = np.array([0, manifest["num_classes"] - 1], dtype=np.int64)
+        try:
+            tracking.log_onnx(uri, run_id, "onnx_model", export_dir / manifest["models"]["full"], {"image": images})
+            tracking.log_onnx(uri, run_id, "onnx_single_logit", export_dir / manifest["models"]["single_logit"],
+                              {"image": images, "class_id": class_ids})
+            MlflowClient(uri).log_artifact(run_id, str(export_dir / "manifest.json"), "export")
+        except Exception as error:  # a missing run, an unreachable server: report, keep going
+            warnings.warn(f"could not log the export of {run} to MLflow run {run_id} at {uri}: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,9 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thresholds", default="results/thresholds.json", help="written by evaluate")
     parser.add_argument("--data", default="data/prepared", help="test images to verify the exports on")
     parser.add_argument("--out", default="exports", help="gets one <run_name>/ per exported run")
+    parser.add_argument("--trials", default="results/trials.json", help="the trials' MLflow run ids")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the trials' MLflow runs")
     args = parser.parse_args(argv)
-    manifests = export_runs(load_params(args.params).export, Path(args.models), Path(args.thresholds),
-                            Path(args.data), Path(args.out))
+    params = load_params(args.params)
+    manifests = export_runs(params.export, Path(args.models), Path(args.thresholds), Path(args.data), Path(args.out))
+    if not args.no_mlflow:
+        log_to_mlflow(tracking.tracking_uri(params.mlflow), read_trials(Path(args.trials)), Path(args.out),
+                      manifests, PreparedData(args.data))
     for run, manifest in manifests.items():
         worst = max(manifest["max_abs_diff"].values())
         size = sum(entry["bytes"] for entry in manifest["files"].values())

@@ -13,11 +13,14 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
+from tqdm.auto import tqdm
 
 from pipeline.config import ModelConfig, from_dict
 
@@ -197,3 +200,19 @@ def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
     model = build_model(from_dict(ModelConfig, info["model"], "model"), tuple(info["input_shape"]), info["num_classes"])
     model.load_state_dict(state)
     return model.eval(), info
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",
+                   scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   desc: str | None = None) -> np.ndarray:
+    """All logits (n, k) of a dataset, float32, in its order, in eval mode (the model's mode is
+    restored afterwards). `scale_shift` renormalises inputs first; `desc` shows a progress bar."""
+    scale, shift = scale_shift if scale_shift is not None else (1.0, 0.0)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    chunks = [model((images * scale + shift).to(device)).float().cpu().numpy()
+              for images, _ in tqdm(loader, desc=desc, leave=False, disable=desc is None)]
+    model.train(was_training)
+    return np.concatenate(chunks)

@@ -91,7 +91,7 @@ def table1_markdown(slc: dict, settings: dict, failed: list[dict], aligned: set[
              f"- model: {settings['model']}; epochs: {settings['epochs']}; seeds: {settings['seeds']}",
              f"- errors are 1 - x on the test split ({settings['test_size']} images), averaged over "
              f"classes; a loss's row is the mean ± std over its seeds",
-             f"- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
+             "- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
              + (f"nearest dataset {paper} ({PAPER_COLUMNS})" if paper else "no comparable dataset"),
              ""]
     header = ["loss", "PoLS-aligned", *names, *([f"paper {paper}"] if paper else [])]

@@ -159,6 +159,24 @@ def log_model(uri: str, run_id: str, model, example) -> None:
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
+def log_onnx(uri: str, run_id: str, name: str, path: Path, example: dict) -> None:
+    """An exported ONNX file as the run's MLflow model `name` (flavour `mlflow.onnx`), with `example`
+    (input name -> array) as input example and the signature of what onnxruntime answers for it.
+    Its weights are stored as external data beside it, as in the export."""
+    import mlflow
+    import onnx
+    import onnxruntime as ort
+    from mlflow.models import infer_signature
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, example)
+    with trial_run(run_id, uri):
+        mlflow.onnx.log_model(onnx.load(str(path)), name=name, input_example=example,
+                              signature=infer_signature(example, output),
+                              onnx_execution_providers=["CPUExecutionProvider"],
+                              pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"])
+
+
 def _log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 

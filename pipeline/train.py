@@ -29,10 +29,9 @@ from pipeline.config import ModelConfig, TrainConfig
 from pipeline.data import PreparedData
 from pipeline.losses import make_loss
 from pipeline.metrics import slc_metrics
-from pipeline.models import build_model
+from pipeline.models import build_model, predict_logits
 
 CHECKPOINT_FILE = "checkpoint.pt"
-EVAL_BATCH_SIZE = 1024
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -96,16 +95,6 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split, device: torch.device | str = "cpu") -> np.ndarray:
-    """All logits of a split, (n, k) float32, in eval mode (the mode is restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(split, batch_size=EVAL_BATCH_SIZE, shuffle=False)
-    logits = np.concatenate([model(x.to(device)).float().cpu().numpy() for x, _ in loader])
-    model.train(was_training)
-    return logits
-
-
 def _is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -209,7 +198,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
             error = f"epoch {epoch}: {failure}"
             break
         samples, train_seconds = samples + epoch_samples, train_seconds + seconds
-        val = slc_metrics(predict_logits(model, val_split, device), val_split.labels)
+        val = slc_metrics(predict_logits(model, val_split, device=device), val_split.labels)
         main = _is_main_process()
         checkpoint_dir = _checkpoint_dir(workdir, epoch) if main else None
         report = EpochReport(epoch, epoch_loss, val["accuracy"], val["mean_auprc"], seconds,

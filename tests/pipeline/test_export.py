@@ -264,17 +264,42 @@ def stage_config(**changes):
     return dataclasses.replace(PARAMS.export, classes=[0], verify_images=4, **changes)
 
 
-def test_the_stage_exports_every_run_from_its_command_line(trained, tmp_path):
+def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(trained, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["export"].update(classes=[9], verify_images=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("slc-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment, run_name="bce-s1").info.run_id
+    client.set_terminated(run_id, "FINISHED")  # as the train stage leaves it
+    trials = [{"run_name": "bce-s0", "mlflow_run_id": None}, {"run_name": "bce-s1", "mlflow_run_id": run_id}]
+    (tmp_path / "trials.json").write_text(json.dumps(
+        [{**t, "loss": "bce", "seed": i, "status": "finished"} for i, t in enumerate(trials)]))
     stage.main(["--params", str(tmp_path / "params.yaml"), "--models", str(trained / "models"),
                 "--thresholds", str(trained / "thresholds.json"), "--data", str(trained / "prepared"),
-                "--out", str(tmp_path / "exports")])
+                "--out", str(tmp_path / "exports"), "--trials", str(tmp_path / "trials.json")])
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["bce-s0", "bce-s1"]
     manifest = verify_manifest(tmp_path / "exports" / "bce-s1")
     assert manifest["run_name"] == "bce-s1" and manifest["thresholds"] == {"0.9": [0.0] * 10}
     assert manifest["normalisation"]["pixel_scale"] == 255.0 and list(manifest["models"]["classes"]) == ["9"]
+
+    # the run's MLflow entry: both models load back as pyfuncs and answer as onnxruntime does
+    assert "export/manifest.json" in {a.path for a in client.list_artifacts(run_id, "export")}
+    images = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    ids = np.array([9, 0, 4], dtype=np.int64)
+    export = tmp_path / "exports" / "bce-s1"
+    full = ort.InferenceSession(str(export / "model.onnx")).run(None, {"image": images})[0]
+    single = mlflow.pyfunc.load_model(f"runs:/{run_id}/onnx_single_logit")
+    assert [i.name for i in single.metadata.get_input_schema().inputs] == ["image", "class_id"]
+    np.testing.assert_allclose(single.predict({"image": images, "class_id": ids})["logit"],
+                               full[np.arange(3), ids], atol=1e-5)
+    logged_full = mlflow.pyfunc.load_model(f"runs:/{run_id}/onnx_model")
+    np.testing.assert_allclose(logged_full.predict({"image": images})["logits"], full, atol=1e-5)
 
 
 def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path):

@@ -159,7 +159,7 @@ def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_pa
         head.wait(timeout=60)
         forget_cluster(port)
     assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
-    assert f"Connecting to existing Ray cluster at address: " in stage.stderr  # not a new local one
+    assert "Connecting to existing Ray cluster at address: " in stage.stderr  # not a new local one
     assert f":{port}..." in stage.stderr
     (record,) = json.loads((tmp_path / "trials.json").read_text())
     assert record["status"] == "finished" and (tmp_path / "models" / "batch_ce-s0" / "model.pt").exists()

@@ -12,9 +12,9 @@ from pipeline import losses
 from pipeline.config import load_params
 from pipeline.data import PreparedData
 from pipeline.metrics import slc_metrics
-from pipeline.models import load_trained, save_trained
+from pipeline.models import load_trained, predict_logits, save_trained
 from pipeline.prepare import prepare
-from pipeline.train import RunConfig, predict_logits, train_one, trained_info
+from pipeline.train import RunConfig, train_one, trained_info
 
 PARAMS = load_params("params.yaml")
 
