@@ -24,7 +24,8 @@ import onnx
 from tqdm import tqdm
 
 from pipeline import timing
-from pipeline.config import BenchmarkConfig, ModelConfig, Params, load_params
+from pipeline.config import BenchmarkConfig, ConfigError, ModelConfig, Params, load_params
+from pipeline.errors import run_stage
 from pipeline.onnx_graphs import (DEFAULT_OPSET, SyntheticRows, WeightsFile, build_head_graph, externalize,
                                   save_checked)
 
@@ -42,7 +43,7 @@ def input_shape(architecture: str) -> tuple[int, int, int]:
     try:
         crop = get_model_weights(architecture).DEFAULT.transforms().crop_size[0]
     except ValueError:
-        raise KeyError(f"benchmark.architectures: unknown architecture {architecture!r}; use mlp, conv6 or a "
+        raise ConfigError(f"benchmark.architectures: unknown architecture {architecture!r}; use mlp, conv6 or a "
                        f"torchvision classifier (torchvision.models.list_models())") from None
     return (3, crop, crop)
 
@@ -220,4 +221,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

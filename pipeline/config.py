@@ -13,10 +13,12 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A params.yaml value that is missing, unknown or of the wrong type."""
 
 

@@ -19,12 +19,13 @@ import torchvision
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import PipelineError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(PipelineError, RuntimeError):
     """A dataset that cannot be found, read or trusted."""
 
 
@@ -213,7 +214,7 @@ def load_raw(cfg: DataConfig) -> RawDataset:
     try:
         loader = DATASETS[cfg.name]
     except KeyError:
-        raise KeyError(f"unknown dataset data.name={cfg.name!r}; known: {', '.join(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset data.name={cfg.name!r}; known: {', '.join(DATASETS)}") from None
     return loader(cfg)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.config import EvaluateConfig, load_params
 from pipeline.data import PreparedData
+from pipeline.errors import PipelineError, run_stage
 from pipeline.losses import POLS_ALIGNED
 from pipeline.metrics import (logit_histograms, pols_summary, pr_curve_mean, precision_recall_at,
                               recall_key, slc_metrics)
@@ -35,7 +36,7 @@ from pipeline.report import error_names, finite_or_none, table1_markdown, write_
 TRIAL_KEYS = ("run_name", "loss", "seed", "status")
 
 
-class EvaluateError(RuntimeError):
+class EvaluateError(PipelineError, RuntimeError):
     """Inputs that cannot be evaluated: a malformed trials.json, data with other classes."""
 
 
@@ -165,10 +166,7 @@ def log_to_mlflow(uri: str, trials: list[dict], results: dict[str, RunResult],
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    for trial in trials:
-        run_id, run = trial.get("mlflow_run_id"), trial["run_name"]
-        if run not in results or not run_id:
-            continue
+    for run, run_id in tracking.trial_runs(uri, trials, results).items():
         result = results[run]
         try:
             tracking.log_metrics(uri, run_id, {f"evaluate/{name}": value for name, value in
@@ -271,4 +269,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

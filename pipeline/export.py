@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.config import ExportConfig, load_params
 from pipeline.data import PreparedData
+from pipeline.errors import PipelineError, run_stage
 from pipeline.evaluate import read_trials, renormalisation
 from pipeline.models import load_trained
 from pipeline.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, \
@@ -41,7 +42,7 @@ FORMAT_VERSION = 1
 INFO_KEYS = ("run_name", "loss", "dataset", "class_names", "input_shape", "normalisation", "pixel_scale")
 
 
-class ExportError(RuntimeError):
+class ExportError(PipelineError, RuntimeError):
     """An export that cannot be made, does not match PyTorch, or cannot be trusted on disk."""
 
 
@@ -301,10 +302,7 @@ def log_to_mlflow(uri: str, trials: list[dict], exports_dir: Path, manifests: di
     reached is a warning, never a reason to lose the stage's outputs."""
     from mlflow import MlflowClient
 
-    for trial in trials:
-        run, run_id = trial["run_name"], trial.get("mlflow_run_id")
-        if run not in manifests or not run_id:
-            continue
+    for run, run_id in tracking.trial_runs(uri, trials, manifests).items():
         manifest, export_dir = manifests[run], Path(exports_dir) / run
         model_info = {"run_name": run, "input_shape": manifest["input"]["shape"],
                       "normalisation": manifest["normalisation"]}
@@ -341,4 +339,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

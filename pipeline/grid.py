@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,13 +34,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline import tracking
 from pipeline.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
 from pipeline.data import PreparedData
-from pipeline.losses import LOSSES, POLS_ALIGNED
+from pipeline.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from pipeline.models import build_model, save_trained
 from pipeline.train import CHECKPOINT_FILE, EpochReport, RunConfig, trained_info, train_one
 
 DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
 EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
+TRAINING_CODE = ("config.py", "data.py", "losses.py", "models.py", "metrics.py", "train.py", "grid.py")
 
 
 def connect(cfg: RayConfig) -> dict[str, float]:
@@ -157,9 +159,10 @@ def _run_trial(config: dict) -> dict:
 class _Recorder(tune.Callback):
     """Runs in the driver: MLflow logging, models/ and trials.json as trials report and end."""
 
-    def __init__(self, uri: str, data: PreparedData, models_dir: Path, results: Path, order: list[str]):
+    def __init__(self, uri: str, data: PreparedData, models_dir: Path, results: Path, order: list[str],
+                 kept: dict[str, dict]):
         self.uri, self.data, self.models_dir, self.results, self.order = uri, data, models_dir, results, order
-        self.records: dict[str, dict] = {}
+        self.records: dict[str, dict] = dict(kept)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         spec = trial.config["trial"]
@@ -179,6 +182,7 @@ class _Recorder(tune.Callback):
         spec = config["trial"]
         record = {"run_name": spec["run_name"], "loss": spec["loss"], "seed": spec["seed"],
                   "status": outcome.get("status", "failed"), "mlflow_run_id": spec["mlflow_run_id"],
+                  "fingerprint": spec["fingerprint"],
                   "wall_time_s": outcome.get("wall_time_s"), "samples_per_s": outcome.get("samples_per_s"),
                   "epochs": outcome.get("epochs", 0),
                   **{key: outcome.get(key) for key in EPOCH_METRICS},
@@ -191,7 +195,7 @@ class _Recorder(tune.Callback):
             except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
                 traceback.print_exc()
                 record.update(status="failed", error=f"saving the model failed: {_one_line(error)}")
-        tracking.end_run(self.uri, spec["mlflow_run_id"], finished=record["status"] == "finished")
+        tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record["status"] == "finished" else "FAILED")
         self.records[spec["run_name"]] = record
         _write_json_atomic(self.results, [self.records[n] for n in self.order if n in self.records])
         print(f"{record['run_name']}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""),
@@ -237,32 +241,89 @@ def _write_json_atomic(path: Path, value) -> None:
     os.replace(partial, path)
 
 
+def trial_fingerprint(loss: str, seed: int, sections: dict, data: PreparedData) -> str:
+    """What decides a trial's model: its loss and seed, the model and the train settings its loss
+    reads (not the other losses' hyper-parameters), the DDP layout, the prepared data and the
+    training code. An unchanged fingerprint lets a re-run keep the trial instead of retraining it."""
+    unread = LOSS_TRAIN_KEYS - train_keys_of(loss)
+    code = {name: hashlib.md5((Path(__file__).parent / name).read_bytes()).hexdigest() for name in TRAINING_CODE}
+    return tracking.params_hash({
+        "loss": loss, "seed": seed, "model": sections["model"],
+        "train": {key: value for key, value in sections["train"].items() if key not in unread},
+        "ray": {key: sections["ray"][key] for key in ("num_workers", "use_gpu")},
+        "data": data.meta, "code": code})
+
+
+def _kept_trials(results: Path, models_dir: Path, fingerprints: dict[str, str]) -> dict[str, dict]:
+    """Finished trials of an earlier run (say, one interrupted by Ctrl-C) whose fingerprint is
+    unchanged and whose model is still on disk: these are not trained again."""
+    try:
+        earlier = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {r["run_name"]: r for r in earlier if isinstance(r, dict)
+            and r.get("status") == "finished" and r.get("fingerprint") == fingerprints.get(r.get("run_name"))
+            and (models_dir / r["run_name"] / "model.pt").is_file()}
+
+
+def _prune(models_dir: Path, names: list[str]) -> None:
+    """Leave in models/ only the grid's models: later stages export whatever is there."""
+    for path in models_dir.glob("*") if models_dir.is_dir() else []:
+        if path.is_dir() and path.name not in names:
+            shutil.rmtree(path)
+
+
 def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, results: str | Path,
              storage: str | Path = "ray_results") -> list[dict]:
-    """Train every loss x seed of `params.grid` on Ray; returns the trials.json records."""
+    """Train every loss x seed of `params.grid` on Ray; returns the trials.json records, in grid
+    order. Trials that an earlier run finished with the same fingerprint are kept, not retrained;
+    a grid interrupted before every trial ended raises `GridInterrupted`."""
     unknown = [loss for loss in params.grid.losses if loss not in LOSSES]
     if unknown:
         raise ConfigError(f"grid.losses has unknown loss {unknown[0]!r}; known losses: {', '.join(LOSSES)}")
-    data = PreparedData(data_root)
-    resources = worker_resources(params.ray, connect(params.ray))
-    uri = tracking.tracking_uri(params.mlflow)
-    grid_name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
+    data, models_dir, results = PreparedData(data_root), Path(models_dir), Path(results)
     sections = {name: dataclasses.asdict(getattr(params, name)) for name in TRAIN_PARAMS}
+    grid = [(loss, seed, tracking.run_name(loss, seed)) for loss in params.grid.losses for seed in params.grid.seeds]
+    fingerprints = {name: trial_fingerprint(loss, seed, sections, data) for loss, seed, name in grid}
+    kept = _kept_trials(results, models_dir, fingerprints)
+    _prune(models_dir, [name for _, _, name in grid])
+    recorder = _Recorder(tracking.tracking_uri(params.mlflow), data, models_dir, results,
+                         [name for _, _, name in grid], kept)
+    for name in kept:
+        print(f"{name}: finished earlier with the same settings, data and code; kept", flush=True)
+    if len(kept) < len(grid):
+        _fit(params, data_root, sections, [(loss, seed, name, fingerprints[name]) for loss, seed, name in grid
+                                           if name not in kept], data, recorder, Path(storage).resolve())
+    records = [recorder.records[name] for _, _, name in grid if name in recorder.records]
+    if len(records) < len(grid):
+        missing = [name for _, _, name in grid if name not in recorder.records]
+        raise GridInterrupted(f"the grid stopped before {', '.join(missing)} ended ({len(records)} of {len(grid)} "
+                              f"trials recorded in {results}); run `dvc repro` again: finished trials are kept")
+    return records
+
+
+class GridInterrupted(RuntimeError):
+    """Ray stopped the grid (Ctrl-C, a lost cluster) before every trial ended."""
+
+
+def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: PreparedData,
+         recorder: _Recorder, storage: Path) -> None:
+    """One Tune run over the `todo` trials, under a new MLflow parent run."""
+    resources = worker_resources(params.ray, connect(params.ray))
+    uri = recorder.uri
+    grid_name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
     common = {"dataset": data.meta["dataset"], "model": sections["model"], "train": sections["train"],
               "git_commit": tracking.git_commit(), "params_hash": tracking.params_hash(sections)}
     parent = tracking.start_grid(uri, params.mlflow.experiment, grid_name,
                                  {**common, "grid": sections["grid"], "ray": sections["ray"]},
                                  {"dataset": data.meta["dataset"], "model": params.model.name})
     trials = []
-    for loss in params.grid.losses:
-        for seed in params.grid.seeds:
-            name = tracking.run_name(loss, seed)
-            run_id = tracking.start_trial(uri, parent, name, {"loss": loss, "seed": seed, **common},
-                                          tracking.trial_tags(loss, loss in POLS_ALIGNED, data.meta["dataset"],
-                                                              params.model.name))
-            trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id})
-    storage = Path(storage).resolve()
-    recorder = _Recorder(uri, data, Path(models_dir), Path(results), [t["run_name"] for t in trials])
+    for loss, seed, name, fingerprint in todo:
+        run_id = tracking.start_trial(uri, parent, name, {"loss": loss, "seed": seed, **common},
+                                      tracking.trial_tags(loss, loss in POLS_ALIGNED, data.meta["dataset"],
+                                                          params.model.name))
+        trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id,
+                       "fingerprint": fingerprint})
     tuner = tune.Tuner(
         tune.with_resources(_run_trial, {"CPU": DRIVER_CPUS}),
         param_space={"trial": tune.grid_search(trials), "model": sections["model"], "train": sections["train"],
@@ -274,9 +335,12 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     try:
         tuner.fit()
     finally:
-        finished = any(r["status"] == "finished" for r in recorder.records.values())
-        tracking.end_run(uri, parent, finished=finished)
-    return [recorder.records[t["run_name"]] for t in trials if t["run_name"] in recorder.records]
+        for trial in trials:  # stopped before it ended: not left "running" in the UI forever
+            if trial["run_name"] not in recorder.records:
+                tracking.end_run(uri, trial["mlflow_run_id"], "KILLED")
+        done = [recorder.records.get(t["run_name"], {}).get("status") for t in trials]
+        tracking.end_run(uri, parent, "FINISHED" if "finished" in done else
+                         "FAILED" if all(done) else "KILLED")
 
 
 def summarise(records: list[dict]) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
@@ -162,10 +162,9 @@ def make_loss(name: str, cfg: TrainConfig, class_counts: np.ndarray | None = Non
               generator: torch.Generator | None = None) -> Loss:
     """LOSSES[name] with its keyword-only hyper-parameters bound from the `train:` params."""
     if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
+        raise ConfigError(f"unknown loss {name!r}; known losses: {', '.join(LOSSES)}")
     if cfg.nce_noise not in NCE_NOISE:
-        raise KeyError(f"unknown train.nce_noise {cfg.nce_noise!r}; known: {', '.join(NCE_NOISE)}")
-    fn = LOSSES[name]
+        raise ConfigError(f"unknown train.nce_noise {cfg.nce_noise!r}; known: {', '.join(NCE_NOISE)}")
     available = {
         "margin": lambda: cfg.margin,
         "alpha": lambda: cfg.self_norm_alpha,
@@ -173,5 +172,19 @@ def make_loss(name: str, cfg: TrainConfig, class_counts: np.ndarray | None = Non
         "noise_probs": lambda: NCE_NOISE[cfg.nce_noise](class_counts),
         "generator": lambda: generator,
     }
-    wanted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    return functools.partial(fn, **{key: available[key]() for key in wanted})
+    return functools.partial(LOSSES[name], **{key: available[key]() for key in _keyword_only(name)})
+
+
+# The `train:` key behind each keyword-only loss hyper-parameter (generator is not a setting).
+_TRAIN_KEYS = {"margin": "margin", "alpha": "self_norm_alpha", "noise_samples": "nce_noise_samples",
+               "noise_probs": "nce_noise"}
+LOSS_TRAIN_KEYS = frozenset(_TRAIN_KEYS.values())  # train keys that only some losses read
+
+
+def train_keys_of(name: str) -> set[str]:
+    """The loss-specific `train:` keys that loss `name` reads (e.g. max_margin: {"margin"})."""
+    return {_TRAIN_KEYS[key] for key in _keyword_only(name) if key in _TRAIN_KEYS}
+
+
+def _keyword_only(name: str) -> list[str]:
+    return [p.name for p in inspect.signature(LOSSES[name]).parameters.values() if p.kind is p.KEYWORD_ONLY]

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
 from tqdm.auto import tqdm
 
-from pipeline.config import ModelConfig, from_dict
+from pipeline.config import ConfigError, ModelConfig, from_dict
 
 InputShape = tuple[int, int, int]
 
@@ -163,7 +163,7 @@ MODELS: dict[str, Callable[[ModelConfig, InputShape, int], SLCNet]] = {
 def build_model(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
     if cfg.name not in MODELS:
         tv = [n for n in MODELS if n not in ("mlp", "conv6")]
-        raise KeyError(f"unknown model.name {cfg.name!r}; known: mlp, conv6, or one of {len(tv)} torchvision "
+        raise ConfigError(f"unknown model.name {cfg.name!r}; known: mlp, conv6, or one of {len(tv)} torchvision "
                        f"architectures ({', '.join(tv[:6])}, ...; all: torchvision.models.list_models())")
     return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.config import DataConfig, load_params
 from pipeline.data import DatasetError, RawDataset, Split, load_image, load_raw
+from pipeline.errors import run_stage
 
 STATS_SAMPLE = 2000  # images read from disk to estimate normalisation of an indexed dataset
 
@@ -150,4 +151,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

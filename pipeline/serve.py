@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.errors import run_stage
 from serving import cli
 
 
@@ -42,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_stage(main)

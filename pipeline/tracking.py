@@ -127,8 +127,32 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
                                             for key, value in metrics.items()])
 
 
-def end_run(uri: str, run_id: str, finished: bool) -> None:
-    _client(uri).set_terminated(run_id, "FINISHED" if finished else "FAILED")
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Close a run as FINISHED, FAILED or KILLED (stopped before it ended)."""
+    _client(uri).set_terminated(run_id, status)
+
+
+def trial_runs(uri: str, trials: list[dict], names) -> dict[str, str]:
+    """Run ids, by run name, of the `trials` (trials.json records) named in `names` that the store
+    at `uri` still has. The others get one warning that says why and how to recover, since a later
+    stage logs into the train stage's runs and must not fail because the store was lost."""
+    import warnings
+
+    from mlflow.exceptions import MlflowException
+
+    client, found, lost = _client(uri), {}, []
+    for trial in trials:
+        if trial["run_name"] in names and trial.get("mlflow_run_id"):
+            try:
+                client.get_run(trial["mlflow_run_id"])
+                found[trial["run_name"]] = trial["mlflow_run_id"]
+            except MlflowException:
+                lost.append(trial["run_name"])
+    if lost:
+        warnings.warn(f"the MLflow store {uri} has no run for {', '.join(lost)} (was mlflow.db deleted, or "
+                      f"MLFLOW_TRACKING_URI changed?): this stage's files are written but not logged there; "
+                      f"`dvc repro --force train` trains and records them anew", stacklevel=2)
+    return found
 
 
 @contextlib.contextmanager

@@ -25,8 +25,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import ConfigError, ModelConfig, TrainConfig
 from pipeline.data import PreparedData
+from pipeline.errors import run_stage
 from pipeline.losses import make_loss
 from pipeline.metrics import slc_metrics
 from pipeline.models import build_model, predict_logits
@@ -90,7 +91,7 @@ class NonFiniteLoss(ArithmeticError):
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer not in OPTIMIZERS:
-        raise KeyError(f"unknown train.optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"unknown train.optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -267,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         records = grid.run_grid(load_params(args.params), args.data, args.models, args.results, args.ray_results)
+    except (grid.GridInterrupted, KeyboardInterrupt) as error:
+        print(f"train interrupted: {error or 'Ctrl-C'}. {args.results} and {args.models}/ hold every trial that "
+              f"finished; `dvc repro` trains only the others", flush=True)
+        return 130
     finally:
         ray.shutdown()
     return grid.summarise(records)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_stage(main)

@@ -76,3 +76,28 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
                 pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / c / f"{i}.png")
     return root
+
+
+def write_torchvision_dataset(name: str, root: Path, monkeypatch) -> None:
+    """Files of dataset `name` under `root` (what `data.root` names) as torchvision finds them,
+    with torchvision's md5 lists pointed at them so that its own integrity check runs on them."""
+    import torchvision.datasets as tv
+
+    if name in ("mnist", "fashion_mnist"):
+        write_idx_gz(root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw")
+    elif name in ("cifar10", "cifar100"):
+        ten = name == "cifar10"
+        folder = write_cifar(root, classes=10 if ten else 100, per_batch=20 if ten else 200)
+        cls = tv.CIFAR10 if ten else tv.CIFAR100
+        monkeypatch.setattr(cls, "train_list", [[f, md5(folder / f)] for f, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[f, md5(folder / f)] for f, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
+    elif name == "svhn":
+        write_svhn(root)
+        monkeypatch.setattr(tv.SVHN, "split_list", {s: [url, file, md5(root / file)] for s, (url, file, _)
+                                                     in tv.SVHN.split_list.items() if s != "extra"})
+    elif name == "imagenet":
+        write_image_folder(root / "imagenet", classes=("n01440764", "n01443537"))
+        (root / "imagenet" / "test").rename(root / "imagenet" / "val")
+    else:
+        raise ValueError(f"no real-format writer for {name}")

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,3 +220,80 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
     assert grid.summarise([nan]) == 1
     status = MlflowClient(params.mlflow.tracking_uri).get_run(nan["mlflow_run_id"]).info.status
     assert status == "FAILED"
+
+
+# ---------- re-runs: finished trials are kept ----------
+
+def fingerprints(params, data, loss="max_margin", seed=0):
+    sections = {name: dataclasses.asdict(getattr(params, name)) for name in grid.TRAIN_PARAMS}
+    return grid.trial_fingerprint(loss, seed, sections, data)
+
+
+def test_a_trials_fingerprint_follows_only_what_decides_its_model(prepared, tmp_path):
+    params, data = tiny_params(tmp_path), PreparedData(prepared)
+    base = fingerprints(params, data)
+    def changed(section, loss="max_margin", **values):
+        return fingerprints(dataclasses.replace(params, **{section: dataclasses.replace(
+            getattr(params, section), **values)}), data, loss)
+    assert changed("train", margin=3.0) != base  # max_margin reads the margin ...
+    assert changed("train", loss="ce", margin=3.0) == fingerprints(params, data, "ce")  # ... ce does not
+    assert changed("train", self_norm_alpha=0.9) == base and changed("train", lr=0.1) != base
+    assert changed("ray", max_concurrent_trials=7) == base and changed("ray", num_workers=2) != base
+    assert changed("mlflow", experiment="other") == base
+    assert fingerprints(params, data, seed=1) != base
+
+
+def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray(prepared, tmp_path, ray_session):
+    params, data = tiny_params(tmp_path, losses_=("ce", "bce")), PreparedData(prepared)
+    results, models = tmp_path / "results" / "trials.json", tmp_path / "models"
+    earlier = []
+    for loss in ("ce", "bce", "nce"):
+        (models / f"{loss}-s0").mkdir(parents=True)
+        (models / f"{loss}-s0" / "model.pt").write_bytes(b"weights")
+        earlier.append({"run_name": f"{loss}-s0", "status": "finished", "fingerprint": fingerprints(params, data, loss)})
+    results.parent.mkdir()
+    results.write_text(json.dumps(earlier))
+    assert run(params, prepared, tmp_path) == earlier[:2]
+    assert not ray.is_initialized(), "nothing to train, yet Ray was started"
+    assert sorted(p.name for p in models.iterdir()) == ["bce-s0", "ce-s0"], "a model outside the grid was left"
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_keeps_finished_trials_and_the_rerun_trains_only_the_rest(prepared, tmp_path):
+    params = tiny_params(tmp_path, losses_=("ce", "bce"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1)
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw.update({name: dataclasses.asdict(getattr(params, name)) for name in ("model", "train", "grid", "ray", "mlflow")})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    results = tmp_path / "results" / "trials.json"
+    command = [sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
+               "--data", str(prepared), "--models", str(tmp_path / "models"), "--results", str(results),
+               "--ray-results", str(tmp_path / "ray_results")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    stage = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not results.exists() and stage.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # trials.json appears when the first trial (ce-s0) has ended
+        stage.send_signal(signal.SIGINT)  # what Ctrl-C sends to `dvc repro` and its stage
+        output, _ = stage.communicate(timeout=300)
+    finally:
+        stage.kill()
+    assert stage.returncode != 0, output[-3000:]
+    assert "train interrupted" in output and "`dvc repro` trains only the others" in output, output[-3000:]
+    (first,) = json.loads(results.read_text())
+    assert first["run_name"] == "ce-s0" and first["status"] == "finished"
+    load_trained(tmp_path / "models" / "ce-s0")  # complete, not half-written
+    kept_model = (tmp_path / "models" / "ce-s0" / "model.pt").stat().st_mtime_ns
+    client = MlflowClient(params.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment).experiment_id
+    (stopped,) = client.search_runs([experiment], "tags.mlflow.runName = 'bce-s0'")
+    assert stopped.info.status == "KILLED"
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "ce-s0: finished earlier with the same settings, data and code; kept" in again.stdout
+    records = json.loads(results.read_text())
+    assert [(r["run_name"], r["status"]) for r in records] == [("ce-s0", "finished"), ("bce-s0", "finished")]
+    assert records[0] == first  # the kept trial's record (and MLflow run) is the first run's
+    assert (tmp_path / "models" / "ce-s0" / "model.pt").stat().st_mtime_ns == kept_model
+    load_trained(tmp_path / "models" / "bce-s0")

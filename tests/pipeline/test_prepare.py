@@ -7,10 +7,10 @@ import pytest
 import torchvision
 
 from pipeline import data, prepare as prepare_module
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.data import DatasetError, PreparedData
 from pipeline.prepare import prepare
-from tests.formats import md5, write_cifar, write_idx_gz, write_image_folder, write_svhn
+from tests.formats import write_idx_gz, write_image_folder, write_torchvision_dataset
 
 DEFAULT = load_params("params.yaml").data
 
@@ -55,34 +55,17 @@ def test_fashion_mnist_is_found_in_the_debian_directory(tmp_path, monkeypatch):
     assert meta["splits"]["test"] == 20
 
 
-def test_cifar10_pickles(tmp_path, monkeypatch):
-    folder = write_cifar(tmp_path / "raw", classes=10)
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")] for i in range(1, 6)])
-    monkeypatch.setattr(cls, "test_list", [["test_batch", md5(folder / "test_batch")]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "batches.meta")})
-    meta = prepare(config(tmp_path, name="cifar10"), tmp_path / "prepared")
-    check_written(tmp_path / "prepared", meta, 10, (3, 32, 32))
-    assert meta["splits"]["train"] + meta["splits"]["val"] == 100
+@pytest.mark.parametrize("name, k, train_and_val", [("cifar10", 10, 100), ("cifar100", 100, 200), ("svhn", 10, 30)])
+def test_torchvision_files_pass_its_integrity_check(tmp_path, monkeypatch, name, k, train_and_val):
+    write_torchvision_dataset(name, tmp_path / "raw", monkeypatch)
+    meta = prepare(config(tmp_path, name=name), tmp_path / "prepared")
+    check_written(tmp_path / "prepared", meta, k, (3, 32, 32))
+    assert meta["splits"]["train"] + meta["splits"]["val"] == train_and_val
 
 
-def test_cifar100_pickles(tmp_path, monkeypatch):
-    folder = write_cifar(tmp_path / "raw", classes=100, per_batch=200)
-    cls = torchvision.datasets.CIFAR100
-    monkeypatch.setattr(cls, "train_list", [["train", md5(folder / "train")]])
-    monkeypatch.setattr(cls, "test_list", [["test", md5(folder / "test")]])
-    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / "meta")})
-    meta = prepare(config(tmp_path, name="cifar100"), tmp_path / "prepared")
-    check_written(tmp_path / "prepared", meta, 100, (3, 32, 32))
-
-
-def test_svhn_mat_files_map_label_ten_to_digit_zero(tmp_path, monkeypatch):
-    root = write_svhn(tmp_path / "raw")
-    cls = torchvision.datasets.SVHN
-    monkeypatch.setattr(cls, "split_list", {s: [cls.split_list[s][0], f"{s}_32x32.mat", md5(root / f"{s}_32x32.mat")]
-                                            for s in ("train", "test")})
-    meta = prepare(config(tmp_path, name="svhn"), tmp_path / "prepared")
-    check_written(tmp_path / "prepared", meta, 10, (3, 32, 32))
+def test_svhn_maps_label_ten_to_digit_zero(tmp_path, monkeypatch):
+    write_torchvision_dataset("svhn", tmp_path / "raw", monkeypatch)
+    prepare(config(tmp_path, name="svhn"), tmp_path / "prepared")
     labels = PreparedData(tmp_path / "prepared").split("test").labels
     assert labels.min() == 0 and labels.max() == 9
 
@@ -95,10 +78,8 @@ def test_image_folder_is_indexed_and_resized(tmp_path):
     assert not list((tmp_path / "prepared").glob("*.npy")), "an indexed dataset must not be loaded into arrays"
 
 
-def test_imagenet_layout_uses_val_as_test(tmp_path):
-    root = tmp_path / "raw" / "imagenet"
-    write_image_folder(root, classes=("n01440764", "n01443537"))
-    (root / "test").rename(root / "val")
+def test_imagenet_layout_uses_val_as_test(tmp_path, monkeypatch):
+    write_torchvision_dataset("imagenet", tmp_path / "raw", monkeypatch)
     meta = prepare(config(tmp_path, name="imagenet", image_size=8), tmp_path / "prepared")
     assert meta["class_names"] == ["n01440764", "n01443537"] and meta["splits"]["test"] == 8
 
@@ -137,7 +118,7 @@ def test_normalisation_is_computed_on_train(tmp_path, offline):
 # ---- bad input: a clear error, and nothing written ----
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    with pytest.raises(KeyError, match="unknown dataset.*fashion_mnist, mnist"):
+    with pytest.raises(ConfigError, match="unknown dataset.*fashion_mnist, mnist"):
         prepare(config(tmp_path, name="fashion"), tmp_path / "prepared")
 
 

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import losses
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.data import PreparedData
 from pipeline.metrics import slc_metrics
 from pipeline.models import load_trained, predict_logits, save_trained
@@ -114,7 +114,7 @@ def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path
 
 
 def test_an_unknown_optimizer_lists_the_known_ones(tiny, tmp_path):
-    with pytest.raises(KeyError, match="adam, adamw, sgd"):
+    with pytest.raises(ConfigError, match="adam, adamw, sgd"):
         train_one(tiny_run(optimizer="lbfgs"), tiny, tmp_path, progress=False)
 
 

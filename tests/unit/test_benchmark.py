@@ -60,7 +60,7 @@ def test_input_shape_is_the_networks_own(architecture, shape):
 
 
 def test_unknown_architecture_names_the_choices():
-    with pytest.raises(KeyError, match="list_models"):
+    with pytest.raises(ConfigError, match="list_models"):
         benchmark.input_shape("resnet5O")
 
 

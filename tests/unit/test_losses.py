@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.losses import LOSSES, POLS_ALIGNED, make_loss
 
 CFG = dataclasses.replace(load_params("params.yaml").train, margin=1.0, self_norm_alpha=0.1,
@@ -124,7 +124,7 @@ def test_the_registry_holds_the_seven_losses_of_the_paper():
 
 
 def test_an_unknown_loss_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="batch_ce"):
+    with pytest.raises(ConfigError, match="batch_ce"):
         make_loss("cross_entropy", CFG)
 
 

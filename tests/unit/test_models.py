@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from pipeline.config import load_params
+from pipeline.config import ConfigError, load_params
 from pipeline.models import MODELS, SLCNet, build_model, load_trained, save_trained
 
 CFG = dataclasses.replace(load_params("params.yaml").model, hidden=32, channels=8)
@@ -45,7 +45,7 @@ def test_the_registry_has_the_papers_networks_and_torchvision_ones():
 
 
 def test_an_unknown_model_name_lists_known_names():
-    with pytest.raises(KeyError, match="mlp, conv6"):
+    with pytest.raises(ConfigError, match="mlp, conv6"):
         build("resnet5O")
 
 

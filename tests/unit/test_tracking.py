@@ -73,7 +73,7 @@ def test_metrics_are_logged_per_step_and_a_finished_run_stays_finished(uri):
     run = tracking.start_grid(uri, "slc", "grid", {}, {})
     tracking.log_metrics(uri, run, {"val_accuracy": 0.5}, step=1)
     tracking.log_metrics(uri, run, {"val_accuracy": 0.7}, step=2)
-    tracking.end_run(uri, run, finished=True)
+    tracking.end_run(uri, run, "FINISHED")
     with tracking.trial_run(run, uri):
         mlflow.log_metric("test_accuracy", 0.6)
     client = MlflowClient(uri)
@@ -81,3 +81,15 @@ def test_metrics_are_logged_per_step_and_a_finished_run_stays_finished(uri):
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.7)]
     assert client.get_run(run).data.metrics["test_accuracy"] == 0.6
     assert client.get_run(run).info.status == "FINISHED"
+
+
+def test_runs_lost_with_a_deleted_store_are_one_warning_that_says_how_to_recover(tmp_path, uri):
+    kept = tracking.start_grid(uri, "slc", "grid", {}, {})
+    trials = [{"run_name": "ce-s0", "mlflow_run_id": kept}, {"run_name": "bce-s0", "mlflow_run_id": kept},
+              {"run_name": "nce-s0", "mlflow_run_id": None}]
+    assert tracking.trial_runs(uri, trials, {"ce-s0", "nce-s0"}) == {"ce-s0": kept}
+
+    emptied = f"sqlite:///{tmp_path}/new.db"  # what the next stage finds after `rm mlflow.db`: an empty store
+    with pytest.warns(UserWarning, match=r"has no run for ce-s0, bce-s0 \(was mlflow.db deleted.*"
+                                         r"`dvc repro --force train`"):
+        assert tracking.trial_runs(emptied, trials, {"ce-s0", "bce-s0"}) == {}

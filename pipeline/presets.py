@@ -1,0 +1,87 @@
+"""The paper's experiments as presets: named sets of params changes, run as DVC experiments.
+
+`python -m pipeline.presets cifar10_conv6` runs `dvc exp run --name cifar10_conv6 -S ...` with the
+preset's changes (`--print` shows the command instead), so every preset is an ordinary DVC
+experiment: `dvc exp show` lists it beside the others and `dvc metrics diff` compares it. The
+settings are those of a GPU cluster (one GPU per Train worker); on the 2-core CPU machine of the
+default run they would take days. The data must be under `data.root` (or downloadable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, Params, from_dict
+
+_GPU = {"ray.use_gpu": True, "ray.num_workers": 1, "ray.cpus_per_worker": 4.0, "ray.max_concurrent_trials": 8}
+_SMALL_IMAGES = {"train.epochs": 50, "train.batch_size": 128, "train.optimizer": "adam", "train.lr": 0.001,
+                 "grid.seeds": [0, 1, 2], **_GPU}
+
+PRESETS: dict[str, dict[str, object]] = {
+    # Table 1, MNIST: two fully connected layers
+    "mnist_mlp": {"data.name": "mnist", "model.name": "mlp", "model.hidden": 1024, **_SMALL_IMAGES,
+                  "train.epochs": 30},
+    # Table 1, SVHN / CIFAR-10 / CIFAR-100: six conv layers and one fully connected layer
+    "svhn_conv6": {"data.name": "svhn", "model.name": "conv6", "model.channels": 64, **_SMALL_IMAGES},
+    "cifar10_conv6": {"data.name": "cifar10", "model.name": "conv6", "model.channels": 64, **_SMALL_IMAGES},
+    "cifar100_conv6": {"data.name": "cifar100", "model.name": "conv6", "model.channels": 64, **_SMALL_IMAGES,
+                       "train.epochs": 100},
+    # Table 1, ImageNet: Inception-v3, cross-entropy against batch cross-entropy; 8 GPUs per trial.
+    # Per-class ONNX files are skipped for 1,000 classes (single_logit.onnx covers them all).
+    "imagenet_inception_v3": {"data.name": "imagenet", "data.image_size": 299, "model.name": "inception_v3",
+                              "train.epochs": 90, "train.batch_size": 64, "train.optimizer": "sgd",
+                              "train.lr": 0.1, "train.weight_decay": 0.0001, "grid.losses": ["ce", "batch_ce"],
+                              "grid.seeds": [0], **_GPU, "ray.num_workers": 8, "ray.max_concurrent_trials": 1,
+                              "evaluate.batch_size": 256, "export.classes": "none",
+                              "benchmark.architectures": ["inception_v3"]},
+}
+
+
+def apply(raw: dict, changes: dict[str, object]) -> dict:
+    """params.yaml's content with `changes` (dotted keys) set; a key params.yaml lacks is an error."""
+    result = json.loads(json.dumps(raw))
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        section = result
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or leaf not in section:
+            raise ConfigError(f"preset key {dotted} is not in params.yaml")
+        section[leaf] = value
+    return result
+
+
+def preset_params(name: str, params_path: Path = Path("params.yaml")) -> Params:
+    """The checked settings a preset runs with (what `dvc exp run` will write into params.yaml)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return from_dict(Params, apply(yaml.safe_load(Path(params_path).read_text()), PRESETS[name]))
+
+
+def dvc_command(name: str) -> list[str]:
+    """`dvc exp run --name <name> -S key=value ...`; values in YAML flow style, as `-S` parses them."""
+    sets = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in PRESETS[name].items()]
+    return ["dvc", "exp", "run", "--name", name, *[arg for s in sets for arg in ("-S", s)]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("--print", action="store_true", help="print the dvc command instead of running it")
+    args, extra = parser.parse_known_args(argv)  # extra arguments go to `dvc exp run`, e.g. --queue
+    preset_params(args.preset)  # a preset that no longer fits params.yaml fails here, not mid-pipeline
+    command = dvc_command(args.preset) + extra
+    if args.print:
+        print(" ".join(f"'{arg}'" if any(c in arg for c in " [],") else arg for arg in command))
+        return 0
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The paper's experiments as presets: valid params, DVC-parsable, and runnable on their data's real formats."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import presets
+from pipeline.config import ConfigError
+from pipeline.data import PreparedData
+from pipeline.prepare import prepare
+from pipeline.presets import PRESETS, dvc_command, preset_params
+from pipeline.train import RunConfig, train_one
+from tests.formats import write_torchvision_dataset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_is_valid_params_with_its_changes_applied(name):
+    params = preset_params(name)
+    for dotted, value in PRESETS[name].items():
+        section, *keys = dotted.split(".")
+        found = getattr(params, section)
+        for key in keys:
+            found = getattr(found, key)
+        assert found == value, dotted
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_dvc_command_sets_what_the_preset_says(name):
+    command = dvc_command(name)
+    assert command[:5] == ["dvc", "exp", "run", "--name", name]
+    pairs = [arg.split("=", 1) for arg in command[6::2]]
+    assert command[5::2] == ["-S"] * len(pairs)
+    assert {key: yaml.safe_load(value) for key, value in pairs} == PRESETS[name]
+
+
+def test_the_readme_documents_every_preset():
+    readme = Path("README.md").read_text()
+    assert [name for name in PRESETS if f"python -m pipeline.presets {name}" not in readme] == []
+
+
+def test_a_preset_key_that_params_yaml_lacks_is_refused(monkeypatch):
+    monkeypatch.setitem(PRESETS, "typo", {"train.epoch": 3})
+    with pytest.raises(ConfigError, match="preset key train.epoch is not in params.yaml"):
+        preset_params("typo")
+    with pytest.raises(ConfigError, match="unknown preset 'mnist'; presets: mnist_mlp"):
+        preset_params("mnist")
+
+
+def test_print_shows_the_command_without_running_it(capsys):
+    assert presets.main(["svhn_conv6", "--print"]) == 0
+    assert capsys.readouterr().out.startswith("dvc exp run --name svhn_conv6 -S data.name=svhn -S model.name=conv6")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_trains_on_its_datasets_real_file_format(name, tmp_path, monkeypatch):
+    """Its dataset in torchvision's (or ImageNet's) real layout, its network at its input size, one
+    epoch of its first loss on CPU: everything but the GPU cluster's scale."""
+    params = preset_params(name)
+    write_torchvision_dataset(params.data.name, tmp_path / "raw", monkeypatch)
+    prepare(dataclasses.replace(params.data, root=str(tmp_path / "raw"), train_limit=20), tmp_path / "prepared")
+    data = PreparedData(tmp_path / "prepared")
+    run = RunConfig(params.grid.losses[0], 0, params.model,
+                    dataclasses.replace(params.train, epochs=1, batch_size=4))
+    result = train_one(run, data, tmp_path / "work", progress=False)
+    assert result.status == "finished" and result.epochs_completed == 1, result.error
+    assert result.model.head.out_features == data.meta["num_classes"]
