@@ -12,7 +12,8 @@ from pathlib import Path
 
 BEGIN = "<!-- results: written by `python -m pipeline.readme_results` from the files below; edit those, not this -->"
 END = "<!-- end of results -->"
-TABLES = ("results/table1.md", "results/speedup.md", "results/serving.md")
+TABLES = {"results/table1.md": "`make run`", "results/speedup.md": "`make run`",  # report -> what writes it
+          "results/serving.md": "`python -m serving.loadtest exports/<run> --out results/serving.md`"}
 PLOTS = ("plots/logit_hist.png", "plots/pr_curves.png", "plots/speedup.png")
 
 
@@ -25,13 +26,13 @@ def _head(markdown: str) -> tuple[str, str]:
 def results_section(root: Path) -> str:
     """The generated section: one sub-section per report that exists, then the plots."""
     parts = []
-    for name in TABLES:
+    for name, maker in TABLES.items():
         path = root / name
         if path.is_file():
             title, body = _head(path.read_text())
             parts.append(f"### {title}\n\n{body}\n\nThe whole report: [`{name}`]({name}).")
         else:
-            parts.append(f"`{name}` is not there yet: `make run` writes it.")
+            parts.append(f"`{name}` is not there yet: {maker} writes it.")
     images = [f"![{Path(name).stem}]({name})" for name in PLOTS if (root / name).is_file()]
     return "\n\n".join(parts + ([" ".join(images)] if images else []))
 
