@@ -260,7 +260,8 @@ def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray
 
 @pytest.mark.slow
 def test_ctrl_c_during_train_keeps_finished_trials_and_the_rerun_trains_only_the_rest(prepared, tmp_path):
-    params = tiny_params(tmp_path, losses_=("ce", "bce"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1)
+    # one trial at a time: Ctrl-C comes as soon as ce-s0 has ended, while bce-s0 starts or trains
+    params = tiny_params(tmp_path, losses_=("ce", "bce"), epochs=4, num_workers=1, max_concurrent_trials=1)
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw.update({name: dataclasses.asdict(getattr(params, name)) for name in ("model", "train", "grid", "ray", "mlflow")})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
