@@ -10,11 +10,12 @@ class PipelineError(Exception):
     says what is wrong and how to fix it."""
 
 
-def run_stage(main: Callable[[], int | None]) -> NoReturn:
-    """Run a stage's `main`; a PipelineError is printed alone and exits with status 2."""
+def run_stage(main: Callable[[], object]) -> NoReturn:
+    """Run a stage's `main`: an int it returns is the exit status, anything else (say, the
+    stage's results) is success; a PipelineError is printed alone and exits with status 2."""
     try:
         status = main()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         status = 2
-    sys.exit(status or 0)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -43,3 +43,10 @@ def test_the_stage_command_prints_a_params_typo_without_a_traceback(tmp_path):
                             timeout=300, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert result.stderr == "error: train.epochs = 'five' has the wrong type: expected int\n"
+
+
+@pytest.mark.parametrize("returned, status", [(None, 0), ({"results": [1, 2]}, 0), (0, 0), (1, 1), (130, 130)])
+def test_what_a_stage_returns_is_its_exit_status_only_when_it_is_an_int(returned, status):
+    with pytest.raises(SystemExit) as exit:
+        run_stage(lambda: returned)
+    assert exit.value.code == status
