@@ -1,8 +1,8 @@
 """Write the README's results section from the pipeline's own outputs, so it cannot drift from them.
 
 `python -m pipeline.readme_results` replaces what lies between the two markers in README.md with
-the head of `results/table1.md`, `results/speedup.md` and `results/serving.md` (each up to its
-first `##` sub-section, with a link to the whole file) and the plots beside them. Run it after
+the head of `results/table1.md`, `results/speedup.md` and `results/serving.md` (each up to the
+end of its first table, with a link to the whole file) and the plots beside them. Run it after
 `make run` (and `python -m serving.loadtest`) when the figures should be published.
 """
 from __future__ import annotations
@@ -18,9 +18,14 @@ PLOTS = ("plots/logit_hist.png", "plots/pr_curves.png", "plots/speedup.png")
 
 
 def _head(markdown: str) -> tuple[str, str]:
-    """A report's title and its text up to the first sub-section."""
+    """A report's title, and its text up to the end of its first table (sub-headings demoted
+    to fit under the README's)."""
     title, _, body = markdown.strip().partition("\n")
-    return title.lstrip("# ").strip(), body.split("\n## ")[0].strip()
+    lines = body.strip().splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    head = [f"##{line}" if line.startswith("## ") else line for line in lines[:end]]
+    return title.lstrip("# ").strip(), "\n".join(head).strip()
 
 
 def results_section(root: Path) -> str:

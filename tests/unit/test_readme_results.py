@@ -9,14 +9,19 @@ def write(root, name, text):
     (root / name).write_text(text)
 
 
-def test_each_report_contributes_its_head_and_a_link(tmp_path):
-    write(tmp_path, "results/table1.md", "# Table 1 on fashion_mnist\n\n| loss |\n| --- |\n| ce |\n\n## Thresholds\n\nlong")
+def test_each_report_contributes_up_to_its_first_table_and_a_link(tmp_path):
+    write(tmp_path, "results/table1.md", "# Table 1 on fashion_mnist\n\n- settings\n\n| loss |\n| --- |\n| ce |\n\n"
+                                         "## Thresholds\n\n| run |\n| --- |")
+    write(tmp_path, "results/speedup.md", "# Speedup\n\nMachine: 2 cores\n\n## Full / single\n\n| k |\n| --- |\n"
+                                          "| 1 |\n\n## Goals\n\n- met")
     write(tmp_path, "plots/speedup.png", "png")
     section = results_section(tmp_path)
-    assert "### Table 1 on fashion_mnist\n\n| loss |\n| --- |\n| ce |" in section
-    assert "Thresholds" not in section and "long" not in section
+    assert "### Table 1 on fashion_mnist\n\n- settings\n\n| loss |\n| --- |\n| ce |\n" in section
+    assert "Thresholds" not in section and "| run |" not in section
+    assert "### Speedup\n\nMachine: 2 cores\n\n#### Full / single\n\n| k |\n| --- |\n| 1 |\n" in section
+    assert "Goals" not in section
     assert "[`results/table1.md`](results/table1.md)" in section
-    assert "`results/speedup.md` is not there yet: `make run` writes it." in section
+    assert "`results/serving.md` is not there yet: `python -m serving.loadtest" in section
     assert section.endswith("![speedup](plots/speedup.png)")
 
 
