@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, Params, from_dict
+from slc.config import ConfigError, Params, from_dict
 
 _GPU = {"ray.use_gpu": True, "ray.num_workers": 1, "ray.cpus_per_worker": 4.0, "ray.max_concurrent_trials": 8}
 _SMALL_IMAGES = {"train.epochs": 50, "train.batch_size": 128, "train.optimizer": "adam", "train.lr": 0.001,

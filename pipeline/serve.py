@@ -8,8 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.errors import run_stage
+from slc.config import load_params
+from slc.errors import run_stage
 from serving import cli
 
 

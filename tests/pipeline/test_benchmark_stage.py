@@ -6,7 +6,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import benchmark
-from pipeline.onnx_graphs import write_single_logit
+from slc.onnx_graphs import write_single_logit
 from tests.unit.test_benchmark import tiny_backbone
 
 TINY = {"architectures": ["mlp"], "num_classes": [1, 1000], "batch_size": 2, "threads": 1, "warmup": 1,

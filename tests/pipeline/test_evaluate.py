@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from pipeline import evaluate as stage
-from pipeline.config import load_params
-from pipeline.data import PreparedData
-from pipeline.metrics import slc_metrics
-from pipeline.models import save_trained
-from pipeline.prepare import prepare
-from pipeline.train import RunConfig, train_one, trained_info
+from slc import evaluation
+from slc.data import renormalisation
+from slc.records import RecordError, read_trials
+from slc.config import load_params
+from slc.data import PreparedData
+from slc.metrics import slc_metrics
+from slc.models import save_trained
+from slc.preparation import prepare
+from slc.training import RunConfig, train_one, trained_info
 
 PARAMS = load_params("params.yaml")
 REAL = Path("data/prepared")
@@ -38,7 +41,7 @@ def separable_logits(labels: np.ndarray, k: int, overlap: bool, seed: int = 0) -
 def test_thresholds_are_chosen_on_validation_and_measured_on_test():
     val_labels, test_labels = np.arange(40) % 4, np.arange(80) % 4
     val, test = separable_logits(val_labels, 4, True, 1), separable_logits(test_labels, 4, True, 2)
-    result = stage.evaluate_logits(val, val_labels, test, test_labels, RECALLS, hist_bins=10)
+    result = evaluation.evaluate_logits(val, val_labels, test, test_labels, RECALLS, hist_bins=10)
     expected = slc_metrics(val, val_labels, RECALLS)["threshold_at_recall_0.9"]
     np.testing.assert_array_equal(result.thresholds["0.9"], expected)
     positives = test[np.arange(80), test_labels][test_labels == 0]
@@ -53,9 +56,9 @@ def test_pols_aligned_losses_beat_the_others_when_their_logits_separate():
         for seed in (0, 1):
             run = f"{loss}-s{seed}"
             logits = separable_logits(labels, 5, overlap, seed)
-            results[run] = stage.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)
+            results[run] = evaluation.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)
             losses.setdefault(loss, []).append(run)
-    slc = stage.summarise(results, losses, RECALLS)
+    slc = evaluation.summarise_runs(results, losses, RECALLS)
     assert slc["summary"]["1-auprc"]["pols"] == 0.0 < slc["summary"]["1-auprc"]["non_pols"]
     assert slc["summary"]["1-p_at_0.99"]["relative_improvement"] == 1.0
     assert slc["losses"]["ce"]["seeds"] == 2 and slc["losses"]["ce"]["1-auprc_std"] > 0
@@ -65,8 +68,8 @@ def test_pols_aligned_losses_beat_the_others_when_their_logits_separate():
 def test_no_summary_without_both_kinds_of_loss():
     labels = np.arange(50) % 5
     logits = separable_logits(labels, 5, True)
-    results = {"ce-s0": stage.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)}
-    assert stage.summarise(results, {"ce": ["ce-s0"]}, RECALLS)["summary"] == {}
+    results = {"ce-s0": evaluation.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)}
+    assert evaluation.summarise_runs(results, {"ce": ["ce-s0"]}, RECALLS)["summary"] == {}
 
 
 def test_renormalisation_gives_the_models_inputs():
@@ -74,7 +77,7 @@ def test_renormalisation_gives_the_models_inputs():
     data = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.4, 0.3]}
     model = {"mean": [0.3, 0.2, 0.1], "std": [0.2, 0.3, 0.4]}
     as_tensor = lambda norm, key: torch.tensor(norm[key])[:, None, None]
-    scale, shift = stage.renormalisation(data, model)
+    scale, shift = renormalisation(data, model)
     seen = (pixels - as_tensor(data, "mean")) / as_tensor(data, "std") * scale + shift
     wanted = (pixels - as_tensor(model, "mean")) / as_tensor(model, "std")
     torch.testing.assert_close(seen, wanted)
@@ -83,8 +86,8 @@ def test_renormalisation_gives_the_models_inputs():
 def test_trials_with_an_unknown_status_are_refused(tmp_path):
     path = tmp_path / "trials.json"
     path.write_text(json.dumps([{"run_name": "ce-s0", "loss": "ce", "seed": 0, "status": "running"}]))
-    with pytest.raises(stage.EvaluateError, match="status 'running'"):
-        stage.read_trials(path)
+    with pytest.raises(RecordError, match="status"):
+        read_trials(path)
 
 
 # ---------- slow: the stage on a tiny grid trained on real Fashion-MNIST ----------
@@ -143,9 +146,9 @@ def run_cli(root: Path, trials: list[dict], data: Path, out: Path, *extra: str) 
 
 
 def run_direct(root: Path, trials: list[dict], data: Path, out: Path) -> dict:
-    outputs = stage.Outputs(out / "slc.json", out / "table1.md", out / "thresholds.json",
+    outputs = evaluation.Outputs(out / "slc.json", out / "table1.md", out / "thresholds.json",
                             out / "thresholds_test.json", out / "plots")
-    return stage.evaluate(write_trials(out, trials), root / "models", data, PARAMS.evaluate, outputs)["slc"]
+    return evaluation.evaluate(write_trials(out, trials), root / "models", data, PARAMS.evaluate, outputs)["slc"]
 
 
 DVC_YAML = """\
@@ -251,5 +254,5 @@ def test_data_with_other_classes_is_refused_with_the_names(grid, tmp_path):
     meta = json.loads((other / "meta.json").read_text())
     meta["class_names"][3] = "Gown"
     (other / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(stage.EvaluateError, match=r"first difference at class 3.*same classes"):
+    with pytest.raises(evaluation.EvaluateError, match=r"first difference at class 3.*same classes"):
         run_direct(root, trials, other, tmp_path / "out")

@@ -19,11 +19,12 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import grid, losses
-from pipeline.config import ConfigError, load_params
-from pipeline.data import PreparedData
-from pipeline.models import load_trained
-from pipeline.prepare import prepare
+from slc import grid, losses
+from slc.config import ConfigError, load_params
+from slc.data import PreparedData
+from slc.models import load_trained
+from slc.preparation import prepare
+from slc.records import TrialRecord, read_trials, write_trials
 
 PARAMS = load_params("params.yaml")
 RAY = PARAMS.ray
@@ -79,20 +80,20 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
     params = tiny_params(tmp_path, num_workers=2, max_concurrent_trials=1)
     records = run(params, prepared, tmp_path)
 
-    assert json.loads((tmp_path / "results" / "trials.json").read_text()) == records
-    assert [(r["run_name"], r["status"], r["epochs"]) for r in records] == [("ce-s0", "finished", 1),
+    assert read_trials(tmp_path / "results" / "trials.json") == records
+    assert [(r.run_name, r.status, r.epochs) for r in records] == [("ce-s0", "finished", 1),
                                                                            ("bce-s0", "finished", 1)]
     for r in records:  # two ranks, each on its own half of the 1,800 training images
-        assert r["world_size"] == 2 and r["shard_sizes"] == [900, 900] and r["distinct_samples"] == 1800
-        assert r["error"] is None and r["wall_time_s"] > 0 and r["samples_per_s"] > 0
-        model, info = load_trained(r["model_dir"])
-        assert info["run_name"] == r["run_name"] and info["loss"] == r["loss"]
+        assert r.world_size == 2 and r.shard_sizes == [900, 900] and r.distinct_samples == 1800
+        assert r.error is None and r.wall_time_s > 0 and r.samples_per_s > 0
+        model, info = load_trained(r.model_dir)
+        assert info["run_name"] == r.run_name and info["loss"] == r.loss
 
     client = MlflowClient(params.mlflow.tracking_uri)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     (parent,) = client.search_runs([experiment.experiment_id], "tags.mlflow.runName LIKE 'grid-%'")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {c.info.run_id for c in children} == {r["mlflow_run_id"] for r in records}
+    assert {c.info.run_id for c in children} == {r.mlflow_run_id for r in records}
     assert parent.info.status == "FINISHED"
     aligned = client.search_runs([experiment.experiment_id], "tags.pols_aligned = 'true'")
     assert [run.info.run_name for run in aligned] == ["bce-s0"]
@@ -105,8 +106,8 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
 
     ce = records[0]
     images = torch.stack([PreparedData(prepared).split("test")[i][0] for i in range(3)])
-    logged = mlflow.pytorch.load_model(f"runs:/{ce['mlflow_run_id']}/model")
-    model, _ = load_trained(ce["model_dir"])
+    logged = mlflow.pytorch.load_model(f"runs:/{ce.mlflow_run_id}/model")
+    model, _ = load_trained(ce.model_dir)
     with torch.no_grad():
         np.testing.assert_allclose(logged(images).numpy(), model(images).numpy(), atol=1e-5)
 
@@ -197,7 +198,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
         return logits.sum() * float("nan")
 
     def register_nan_loss():  # run in every Ray worker process; nested, so Ray ships it by value
-        from pipeline import losses as registry
+        from slc import losses as registry
         registry.LOSSES["nan"] = nan
 
     monkeypatch.setitem(losses.LOSSES, "nan", nan)
@@ -213,12 +214,12 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
     finally:
         stop.set()
     assert killed, f"no Train worker was found to kill before ce-s0 ended: {ce}"
-    assert ce["status"] == "finished" and ce["epochs"] == EPOCHS
-    assert 1 <= ce["resumed_from_epoch"] < EPOCHS, f"the restarted worker did not resume: {ce}"
-    assert nan["status"] == "failed" and "nan" in nan["error"] and nan["model_dir"] is None
-    assert grid.summarise([ce, nan]) == 0
-    assert grid.summarise([nan]) == 1
-    status = MlflowClient(params.mlflow.tracking_uri).get_run(nan["mlflow_run_id"]).info.status
+    assert ce.status == "finished" and ce.epochs == EPOCHS
+    assert 1 <= ce.resumed_from_epoch < EPOCHS, f"the restarted worker did not resume: {ce}"
+    assert nan.status == "failed" and "nan" in nan.error and nan.model_dir is None
+    assert grid.print_outcome([ce, nan]) == 0
+    assert grid.print_outcome([nan]) == 1
+    status = MlflowClient(params.mlflow.tracking_uri).get_run(nan.mlflow_run_id).info.status
     assert status == "FAILED"
 
 
@@ -250,9 +251,10 @@ def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray
     for loss in ("ce", "bce", "nce"):
         (models / f"{loss}-s0").mkdir(parents=True)
         (models / f"{loss}-s0" / "model.pt").write_bytes(b"weights")
-        earlier.append({"run_name": f"{loss}-s0", "status": "finished", "fingerprint": fingerprints(params, data, loss)})
+        earlier.append(TrialRecord(run_name=f"{loss}-s0", loss=loss, seed=0, status="finished",
+                                   fingerprint=fingerprints(params, data, loss)))
     results.parent.mkdir()
-    results.write_text(json.dumps(earlier))
+    write_trials(results, earlier)
     assert run(params, prepared, tmp_path) == earlier[:2]
     assert not ray.is_initialized(), "nothing to train, yet Ray was started"
     assert sorted(p.name for p in models.iterdir()) == ["bce-s0", "ce-s0"], "a model outside the grid was left"

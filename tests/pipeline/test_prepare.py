@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torchvision
 
-from pipeline import data, prepare as prepare_module
-from pipeline.config import ConfigError, load_params
-from pipeline.data import DatasetError, PreparedData
-from pipeline.prepare import prepare
+from slc import data
+from slc import preparation as prepare_module
+from slc.config import ConfigError, load_params
+from slc.data import DatasetError, PreparedData
+from slc.preparation import prepare
 from tests.formats import write_idx_gz, write_image_folder, write_torchvision_dataset
 
 DEFAULT = load_params("params.yaml").data

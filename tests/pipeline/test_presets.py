@@ -6,11 +6,11 @@ import pytest
 import yaml
 
 from pipeline import presets
-from pipeline.config import ConfigError
-from pipeline.data import PreparedData
-from pipeline.prepare import prepare
+from slc.config import ConfigError
+from slc.data import PreparedData
+from slc.preparation import prepare
 from pipeline.presets import PRESETS, dvc_command, preset_params
-from pipeline.train import RunConfig, train_one
+from slc.training import RunConfig, train_one
 from tests.formats import write_torchvision_dataset
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torchvision
 
-from pipeline.errors import run_stage
+from slc.errors import run_stage
 
 PARAMS = Path("params.yaml").read_text()
 

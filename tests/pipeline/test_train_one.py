@@ -8,13 +8,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline import losses
-from pipeline.config import ConfigError, load_params
-from pipeline.data import PreparedData
-from pipeline.metrics import slc_metrics
-from pipeline.models import load_trained, predict_logits, save_trained
-from pipeline.prepare import prepare
-from pipeline.train import RunConfig, train_one, trained_info
+from slc import losses
+from slc.config import ConfigError, load_params
+from slc.data import PreparedData
+from slc.metrics import slc_metrics
+from slc.models import load_trained, predict_logits, save_trained
+from slc.preparation import prepare
+from slc.training import RunConfig, train_one, trained_info
 
 PARAMS = load_params("params.yaml")
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.export import export_model
-from pipeline.models import build_model
+from slc.config import ModelConfig
+from slc.exporting import export_model
+from slc.models import build_model
 
 SHAPE = (1, 8, 8)
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]

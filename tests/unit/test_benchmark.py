@@ -4,9 +4,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline import benchmark, speedup_report, timing
-from pipeline.config import BenchmarkConfig, ConfigError
-from pipeline.onnx_graphs import SyntheticRows
+from slc import speedup_report, timing
+from slc import benchmarking as benchmark
+from slc.config import BenchmarkConfig, ConfigError
+from slc.onnx_graphs import SyntheticRows
 
 CPU = ["CPUExecutionProvider"]
 SETTINGS = dict(architectures=["resnet50"], num_classes=[1, 16384, 400_000], batch_size=1, threads=2, warmup=5,

@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, from_dict, load_params
+from slc.config import ConfigError, Params, from_dict, load_params
 
 RAW = yaml.safe_load(open("params.yaml"))
 

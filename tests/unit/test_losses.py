@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_params
-from pipeline.losses import LOSSES, POLS_ALIGNED, make_loss
+from slc.config import ConfigError, load_params
+from slc.losses import LOSSES, POLS_ALIGNED, make_loss
 
 CFG = dataclasses.replace(load_params("params.yaml").train, margin=1.0, self_norm_alpha=0.1,
                           nce_noise_samples=7, nce_noise="uniform")

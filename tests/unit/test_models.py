@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from pipeline.config import ConfigError, load_params
-from pipeline.models import MODELS, SLCNet, build_model, load_trained, save_trained
+from slc.config import ConfigError, load_params
+from slc.models import MODELS, SLCNet, build_model, load_trained, save_trained
 
 CFG = dataclasses.replace(load_params("params.yaml").model, hidden=32, channels=8)
 K = 7

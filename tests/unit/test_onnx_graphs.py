@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from pipeline.onnx_graphs import ALIGN, HEADS, SyntheticRows, WeightsFile, build_head_graph, class_row, \
+from slc.onnx_graphs import ALIGN, HEADS, SyntheticRows, WeightsFile, build_head_graph, class_row, \
     save_checked, write_single_logit
 
 K, D = 7, 5

@@ -4,8 +4,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
-from pipeline.config import MlflowConfig
+from slc import tracking
+from slc.config import MlflowConfig
+from slc.records import TrialRecord
 
 
 def test_run_name_is_loss_and_seed():
@@ -85,8 +86,8 @@ def test_metrics_are_logged_per_step_and_a_finished_run_stays_finished(uri):
 
 def test_runs_lost_with_a_deleted_store_are_one_warning_that_says_how_to_recover(tmp_path, uri):
     kept = tracking.start_grid(uri, "slc", "grid", {}, {})
-    trials = [{"run_name": "ce-s0", "mlflow_run_id": kept}, {"run_name": "bce-s0", "mlflow_run_id": kept},
-              {"run_name": "nce-s0", "mlflow_run_id": None}]
+    trials = [TrialRecord(run_name=name, loss=name[:-3], seed=0, status="finished", mlflow_run_id=run_id)
+              for name, run_id in (("ce-s0", kept), ("bce-s0", kept), ("nce-s0", None))]
     assert tracking.trial_runs(uri, trials, {"ce-s0", "nce-s0"}) == {"ce-s0": kept}
 
     emptied = f"sqlite:///{tmp_path}/new.db"  # what the next stage finds after `rm mlflow.db`: an empty store

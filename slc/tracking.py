@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import MlflowConfig
+from slc.config import MlflowConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -132,8 +132,8 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     _client(uri).set_terminated(run_id, status)
 
 
-def trial_runs(uri: str, trials: list[dict], names) -> dict[str, str]:
-    """Run ids, by run name, of the `trials` (trials.json records) named in `names` that the store
+def trial_runs(uri: str, trials: list, names) -> dict[str, str]:
+    """Run ids, by run name, of the `trials` (trials.json's TrialRecords) named in `names` that the store
     at `uri` still has. The others get one warning that says why and how to recover, since a later
     stage logs into the train stage's runs and must not fail because the store was lost."""
     import warnings
@@ -142,12 +142,12 @@ def trial_runs(uri: str, trials: list[dict], names) -> dict[str, str]:
 
     client, found, lost = _client(uri), {}, []
     for trial in trials:
-        if trial["run_name"] in names and trial.get("mlflow_run_id"):
+        if trial.run_name in names and trial.mlflow_run_id:
             try:
-                client.get_run(trial["mlflow_run_id"])
-                found[trial["run_name"]] = trial["mlflow_run_id"]
+                client.get_run(trial.mlflow_run_id)
+                found[trial.run_name] = trial.mlflow_run_id
             except MlflowException:
-                lost.append(trial["run_name"])
+                lost.append(trial.run_name)
     if lost:
         warnings.warn(f"the MLflow store {uri} has no run for {', '.join(lost)} (was mlflow.db deleted, or "
                       f"MLFLOW_TRACKING_URI changed?): this stage's files are written but not logged there; "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import PipelineError
+from slc.errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
 from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, ModelConfig, from_dict
+from slc.config import ConfigError, ModelConfig, from_dict
 
 InputShape = tuple[int, int, int]
 

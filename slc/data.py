@@ -19,8 +19,8 @@ import torchvision
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from pipeline.config import ConfigError, DataConfig
-from pipeline.errors import PipelineError
+from slc.config import ConfigError, DataConfig
+from slc.errors import PipelineError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -289,3 +289,14 @@ class PreparedSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.__getitems__([i])[0]
+
+
+def renormalisation(data_norm: dict, model_norm: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift turning inputs normalised with `data_norm` into the model's normalisation.
+
+    Both are per-channel statistics of pixels on the [0, 1] scale, so pixel = x * s_d + m_d and
+    the model wants (pixel - m_m) / s_m. Identity when the data is the one trained on.
+    """
+    m_d, s_d, m_m, s_m = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in
+                          (data_norm["mean"], data_norm["std"], model_norm["mean"], model_norm["std"]))
+    return s_d / s_m, (m_d - m_m) / s_m

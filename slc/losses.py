@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config import ConfigError, TrainConfig
+from slc.config import ConfigError, TrainConfig
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 

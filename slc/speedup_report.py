@@ -11,8 +11,8 @@ import math
 import time
 from pathlib import Path
 
-from pipeline.config import MlflowConfig
-from pipeline.report import write_json, write_text_atomic
+from slc.config import MlflowConfig
+from slc.files import write_json, write_text_atomic
 
 # The paper's Table 2: SLC forward time (ms) and full-model time / SLC time at 2^14, 2^18, 2^18.5.
 PAPER_K = (2 ** 14, 2 ** 18, int(2 ** 18.5))  # 2^18.5 = 370,727.6: the params use 370,727
@@ -208,7 +208,7 @@ def log_to_mlflow(results: dict, cfg: MlflowConfig, table: Path, plots: Path) ->
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from pipeline import tracking
+    from slc import tracking
 
     uri = tracking.tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)

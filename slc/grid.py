@@ -14,9 +14,9 @@ Three kinds of process, each with one job:
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -31,17 +31,20 @@ import torch.distributed as dist
 from ray import tune
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipeline import tracking
-from pipeline.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
-from pipeline.data import PreparedData
-from pipeline.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
-from pipeline.models import build_model, save_trained
-from pipeline.train import CHECKPOINT_FILE, EpochReport, RunConfig, trained_info, train_one
+from slc import tracking
+from slc.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
+from slc.data import PreparedData
+from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
+from slc.models import build_model, save_trained
+from slc.records import RecordError, TrialRecord, read_trials, write_trials
+from slc.training import CHECKPOINT_FILE, EpochReport, RunConfig, trained_info, train_one
+
+log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
 EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
-TRAINING_CODE = ("config.py", "data.py", "losses.py", "models.py", "metrics.py", "train.py", "grid.py")
+TRAINING_CODE = ("config.py", "data.py", "losses.py", "models.py", "metrics.py", "training.py", "grid.py")
 
 
 def connect(cfg: RayConfig) -> dict[str, float]:
@@ -160,17 +163,17 @@ class _Recorder(tune.Callback):
     """Runs in the driver: MLflow logging, models/ and trials.json as trials report and end."""
 
     def __init__(self, uri: str, data: PreparedData, models_dir: Path, results: Path, order: list[str],
-                 kept: dict[str, dict]):
+                 kept: dict[str, TrialRecord]):
         self.uri, self.data, self.models_dir, self.results, self.order = uri, data, models_dir, results, order
-        self.records: dict[str, dict] = dict(kept)
+        self.records: dict[str, TrialRecord] = dict(kept)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         spec = trial.config["trial"]
         if "status" not in result and "epoch" in result:
             tracking.log_metrics(self.uri, spec["mlflow_run_id"], {k: result[k] for k in EPOCH_METRICS},
                                  step=result["epoch"])
-            print(f"{spec['run_name']} epoch {result['epoch']}/{trial.config['train']['epochs']}: "
-                  + ", ".join(f"{k} {result[k]:.4f}" for k in EPOCH_METRICS), flush=True)
+            log.info("%s epoch %d/%d: %s", spec["run_name"], result["epoch"], trial.config["train"]["epochs"],
+                     ", ".join(f"{k} {result[k]:.4f}" for k in EPOCH_METRICS))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._record(trial.config, trial.last_result)
@@ -180,26 +183,24 @@ class _Recorder(tune.Callback):
 
     def _record(self, config: dict, outcome: dict) -> None:
         spec = config["trial"]
-        record = {"run_name": spec["run_name"], "loss": spec["loss"], "seed": spec["seed"],
-                  "status": outcome.get("status", "failed"), "mlflow_run_id": spec["mlflow_run_id"],
-                  "fingerprint": spec["fingerprint"],
-                  "wall_time_s": outcome.get("wall_time_s"), "samples_per_s": outcome.get("samples_per_s"),
-                  "epochs": outcome.get("epochs", 0),
-                  **{key: outcome.get(key) for key in EPOCH_METRICS},
-                  "error": outcome.get("error"), "model_dir": None,
-                  **{key: outcome.get(key) for key in ("resumed_from_epoch", "world_size", "shard_sizes",
-                                                       "distinct_samples")}}
-        if record["status"] == "finished":
+        fields = {key: outcome.get(key) for key in ("wall_time_s", "samples_per_s", *EPOCH_METRICS, "error",
+                                                    "resumed_from_epoch", "world_size", "shard_sizes",
+                                                    "distinct_samples")}
+        record = TrialRecord(run_name=spec["run_name"], loss=spec["loss"], seed=spec["seed"],
+                             status=outcome.get("status", "failed"), mlflow_run_id=spec["mlflow_run_id"],
+                             fingerprint=spec["fingerprint"], epochs=outcome.get("epochs") or 0, **fields)
+        if record.finished:
             try:
-                record["model_dir"] = str(self._save_model(config, outcome["checkpoint_path"]))
+                record = record.model_copy(update={"model_dir": str(self._save_model(config,
+                                                                                     outcome["checkpoint_path"]))})
             except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
                 traceback.print_exc()
-                record.update(status="failed", error=f"saving the model failed: {_one_line(error)}")
-        tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record["status"] == "finished" else "FAILED")
+                record = record.model_copy(update={"status": "failed",
+                                                   "error": f"saving the model failed: {_one_line(error)}"})
+        tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record.finished else "FAILED")
         self.records[spec["run_name"]] = record
-        _write_json_atomic(self.results, [self.records[n] for n in self.order if n in self.records])
-        print(f"{record['run_name']}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""),
-              flush=True)
+        write_trials(self.results, [self.records[n] for n in self.order if n in self.records])
+        log.info("%s: %s%s", record.run_name, record.status, f" ({record.error})" if record.error else "")
 
     def _save_model(self, config: dict, checkpoint_path: str) -> Path:
         """models/<run_name>/ from the trial's last checkpoint (written beside, then renamed), and
@@ -234,11 +235,6 @@ def _finite(value: float) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _write_json_atomic(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def trial_fingerprint(loss: str, seed: int, sections: dict, data: PreparedData) -> str:
@@ -254,16 +250,15 @@ def trial_fingerprint(loss: str, seed: int, sections: dict, data: PreparedData) 
         "data": data.meta, "code": code})
 
 
-def _kept_trials(results: Path, models_dir: Path, fingerprints: dict[str, str]) -> dict[str, dict]:
+def _kept_trials(results: Path, models_dir: Path, fingerprints: dict[str, str]) -> dict[str, TrialRecord]:
     """Finished trials of an earlier run (say, one interrupted by Ctrl-C) whose fingerprint is
     unchanged and whose model is still on disk: these are not trained again."""
     try:
-        earlier = json.loads(results.read_text())
-    except (OSError, ValueError):
+        earlier = read_trials(results)
+    except RecordError:
         return {}
-    return {r["run_name"]: r for r in earlier if isinstance(r, dict)
-            and r.get("status") == "finished" and r.get("fingerprint") == fingerprints.get(r.get("run_name"))
-            and (models_dir / r["run_name"] / "model.pt").is_file()}
+    return {r.run_name: r for r in earlier if r.finished and r.fingerprint == fingerprints.get(r.run_name)
+            and (models_dir / r.run_name / "model.pt").is_file()}
 
 
 def _prune(models_dir: Path, names: list[str]) -> None:
@@ -274,7 +269,7 @@ def _prune(models_dir: Path, names: list[str]) -> None:
 
 
 def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, results: str | Path,
-             storage: str | Path = "ray_results") -> list[dict]:
+             storage: str | Path = "ray_results") -> list[TrialRecord]:
     """Train every loss x seed of `params.grid` on Ray; returns the trials.json records, in grid
     order. Trials that an earlier run finished with the same fingerprint are kept, not retrained;
     a grid interrupted before every trial ended raises `GridInterrupted`."""
@@ -290,7 +285,7 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     recorder = _Recorder(tracking.tracking_uri(params.mlflow), data, models_dir, results,
                          [name for _, _, name in grid], kept)
     for name in kept:
-        print(f"{name}: finished earlier with the same settings, data and code; kept", flush=True)
+        log.info("%s: finished earlier with the same settings, data and code; kept", name)
     if len(kept) < len(grid):
         _fit(params, data_root, sections, [(loss, seed, name, fingerprints[name]) for loss, seed, name in grid
                                            if name not in kept], data, recorder, Path(storage).resolve())
@@ -338,20 +333,21 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
         for trial in trials:  # stopped before it ended: not left "running" in the UI forever
             if trial["run_name"] not in recorder.records:
                 tracking.end_run(uri, trial["mlflow_run_id"], "KILLED")
-        done = [recorder.records.get(t["run_name"], {}).get("status") for t in trials]
+        done = [recorder.records[t["run_name"]].status if t["run_name"] in recorder.records else None
+                for t in trials]
         tracking.end_run(uri, parent, "FINISHED" if "finished" in done else
                          "FAILED" if all(done) else "KILLED")
 
 
-def summarise(records: list[dict]) -> int:
+def print_outcome(records: list[TrialRecord]) -> int:
     """Print one line per trial and every failure's reason; the exit status: 0 if any finished."""
     for r in records:
-        accuracy = f"{r['val_accuracy']:.4f}" if r["val_accuracy"] is not None else "-"
-        wall = f"{r['wall_time_s']:.0f} s" if r["wall_time_s"] is not None else "-"
-        print(f"{r['run_name']:<24} {r['status']:<9} val accuracy {accuracy}  {wall}")
-    failed = [r for r in records if r["status"] != "finished"]
+        accuracy = f"{r.val_accuracy:.4f}" if r.val_accuracy is not None else "-"
+        wall = f"{r.wall_time_s:.0f} s" if r.wall_time_s is not None else "-"
+        print(f"{r.run_name:<24} {r.status:<9} val accuracy {accuracy}  {wall}")
+    failed = [r for r in records if not r.finished]
     for r in failed:
-        print(f"FAILED {r['run_name']}: {r['error']}")
+        print(f"FAILED {r.run_name}: {r.error}")
     if len(failed) == len(records):
         print(f"no trial finished ({len(records)} failed or none ran): see the errors above")
         return 1

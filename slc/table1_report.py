@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics import recall_key
+from slc.metrics import recall_key
 
 # The paper's Table 1 (1-AUPRC, 1-P@0.9, 1-P@0.99): mean non-PoLS, mean PoLS, relative improvement.
 PAPER_TABLE1: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = {
@@ -36,34 +36,10 @@ def error_names(recalls: list[float]) -> list[str]:
     return ["1-auprc", *(f"1-p_at_{recall_key(r)}" for r in recalls)]
 
 
-def finite_or_none(value):
-    """JSON has no NaN: undefined numbers (a class without positives, 0/0) are written as null."""
-    if isinstance(value, dict):
-        return {key: finite_or_none(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half file for the next stage."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def write_json(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(finite_or_none(data), indent=2) + "\n")
 
 
 def _fmt(value: float | None) -> str:
@@ -78,7 +54,7 @@ def _fmt_gain(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
-def table1_markdown(slc: dict, settings: dict, failed: list[dict], aligned: set[str]) -> str:
+def table1_markdown(slc: dict, settings: dict, failed: list, aligned: set[str]) -> str:
     """The paper's Table 1 for our dataset, the paper's nearest row beside it, and the settings.
 
     `slc` is the metrics/slc.json content; `settings` has dataset, evaluated_on, model, epochs,
@@ -128,8 +104,8 @@ def table1_markdown(slc: dict, settings: dict, failed: list[dict], aligned: set[
     if failed:
         lines += ["", "## Failed trials (not evaluated)", "", "| run | error |", "| --- | --- |"]
         for trial in failed:
-            error = str(trial.get("error") or "no error recorded").splitlines()
-            lines.append(f"| {trial['run_name']} | {(error[-1] if error else '').replace('|', '/')} |")
+            error = str(trial.error or "no error recorded").splitlines()
+            lines.append(f"| {trial.run_name} | {(error[-1] if error else '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

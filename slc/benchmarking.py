@@ -1,0 +1,193 @@
+"""Benchmark: the paper's Table 2 in onnxruntime, with the memory-bandwidth limit beside it.
+
+For each architecture the backbone is exported once with torch.onnx.export; the full k-class model
+for every k is that backbone plus a Gemm head, and `single_logit.onnx` the same backbone plus a
+Gather/dot head (`slc.onnx_graphs`). One head file of random weights is written per
+architecture for the largest k, and each k references a prefix of its rows, so no protobuf ever
+holds the 3.3 GB head and only one k's sessions are alive at a time. Random weights are enough:
+latency does not depend on their values, only on their size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from slc import timing
+from slc.config import BenchmarkConfig, ConfigError, ModelConfig, Params
+from slc.exporting import export_backbone
+from slc.onnx_graphs import (DEFAULT_OPSET, SyntheticRows, WeightsFile, build_head_graph, externalize,
+                                  save_checked)
+
+BYTES_PER_WEIGHT = 4  # float32
+# Images of the paper's small networks (MNIST 28x28 grey, SVHN/CIFAR 32x32 colour); every
+# torchvision network takes the crop size of its ImageNet weights (299 for inception_v3, else 224).
+SMALL_NETWORK_INPUTS = {"mlp": (1, 28, 28), "conv6": (3, 32, 32)}
+
+
+def input_shape(architecture: str) -> tuple[int, int, int]:
+    if architecture in SMALL_NETWORK_INPUTS:
+        return SMALL_NETWORK_INPUTS[architecture]
+    from torchvision.models import get_model_weights
+
+    try:
+        crop = get_model_weights(architecture).DEFAULT.transforms().crop_size[0]
+    except ValueError:
+        raise ConfigError(f"benchmark.architectures: unknown architecture {architecture!r}; use mlp, conv6 or a "
+                       f"torchvision classifier (torchvision.models.list_models())") from None
+    return (3, crop, crop)
+
+
+def write_backbone(architecture: str, model_cfg: ModelConfig, folder: Path) -> tuple[onnx.ModelProto, int]:
+    """`folder/backbone.onnx` (input `image`, output `features`, batch dynamic) with its weights in
+    `folder/backbone.weights`, exactly as the export stage writes it; returns the graph (weights as
+    references) and the feature size d."""
+    from slc.models import build_model
+
+    shape = input_shape(architecture)
+    net = build_model(dataclasses.replace(model_cfg, name=architecture), shape, 1).eval()
+    backbone = export_backbone(net, shape, DEFAULT_OPSET)
+    with WeightsFile(folder / "backbone.weights") as weights:
+        externalize(backbone, weights)
+    save_checked(backbone, folder / "backbone.onnx")
+    return backbone, net.head.in_features
+
+
+def write_head(folder: Path, k: int, d: int, seed: int = 0) -> tuple[onnx.TensorProto, onnx.TensorProto]:
+    """Random (k, d) weights and (k,) bias in `folder/head.weights`, for the largest k only."""
+    with WeightsFile(folder / "head.weights") as weights:
+        return (weights.add("slc_head_weight", SyntheticRows(k, d, seed)),
+                weights.add("slc_head_bias", np.zeros(k, np.float32)))
+
+
+def first_rows(tensor: onnx.TensorProto, rows: int) -> onnx.TensorProto:
+    """A reference to the first `rows` rows of an external tensor: the head of a smaller k is a
+    prefix of the largest one (row-major (k, d)), so one file serves every k."""
+    if rows > tensor.dims[0]:
+        raise ValueError(f"first_rows: {rows} rows asked of a tensor with {tensor.dims[0]}")
+    prefix = onnx.TensorProto()
+    prefix.CopyFrom(tensor)
+    prefix.dims[0] = rows
+    length = rows * math.prod(tensor.dims[1:]) * BYTES_PER_WEIGHT
+    for entry in prefix.external_data:
+        if entry.key == "length":
+            entry.value = str(length)
+    return prefix
+
+
+def write_models(folder: Path, backbone: onnx.ModelProto, weight: onnx.TensorProto, bias: onnx.TensorProto,
+                 k: int) -> dict[str, Path]:
+    """`full_<k>.onnx` (all k logits) and `single_logit_<k>.onnx` in `folder`, both on `backbone`."""
+    w, b = first_rows(weight, k), first_rows(bias, k)
+    return {kind: save_checked(build_head_graph(kind, w, b, backbone=backbone), folder / f"{kind}_{k}.onnx")
+            for kind in ("full", "single_logit")}
+
+
+def time_models(paths: dict[str, Path], feeds: dict[str, np.ndarray], settings: dict,
+                cfg: BenchmarkConfig) -> dict[str, dict]:
+    """Open the models, time them interleaved (`timing.time_interleaved`), close them: only one k's
+    sessions are alive at a time."""
+    sessions, loaded = {}, {}
+    for kind, path in paths.items():
+        start = time.perf_counter()
+        sessions[kind] = timing.open_session(path, settings)
+        loaded[kind] = time.perf_counter() - start
+    calls = {}
+    for kind, (session, _) in sessions.items():
+        wanted = {i.name: feeds[i.name] for i in session.get_inputs()}
+        calls[kind] = lambda session=session, wanted=wanted: session.run(None, wanted)
+    times = timing.time_interleaved(calls, cfg.warmup, cfg.repeats)
+    result = {kind: {**times[kind], "load_s": loaded[kind], "providers_used": sessions[kind][1]} for kind in paths}
+    del calls, sessions
+    return result
+
+
+def predicted_ms(backbone_ms: float, d: int, k: int, gbps: float) -> float:
+    """The physical floor of the full model: the backbone plus one read of the d x k head."""
+    return backbone_ms + BYTES_PER_WEIGHT * d * k / (gbps * 1e9) * 1e3
+
+
+def compare(backbone_ms: float, full_ms: float, single_ms: float, d: int, k: int, gbps: float) -> dict:
+    """The figures the goals are judged on, for one architecture and k."""
+    limit = predicted_ms(backbone_ms, d, k, gbps)
+    return {"predicted_full_ms": limit, "full_vs_predicted": full_ms / limit,
+            "single_vs_backbone": single_ms / backbone_ms, "speedup": full_ms / single_ms,
+            "speedup_limit": limit / backbone_ms}
+
+
+def benchmark_architecture(architecture: str, cfg: BenchmarkConfig, model_cfg: ModelConfig, settings: dict,
+                           gbps: float, folder: Path, progress: tqdm) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    progress.set_description(f"{architecture}: export")
+    backbone, d = write_backbone(architecture, model_cfg, folder)
+    progress.set_description(f"{architecture}: head weights")
+    weight, bias = write_head(folder, max(cfg.num_classes), d)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((cfg.batch_size, *input_shape(architecture)), dtype=np.float32)
+    per_k = {}
+    for k in cfg.num_classes:
+        progress.set_description(f"{architecture}: k={k}")
+        timing.reset_peak_rss()
+        feeds = {"image": image, "class_id": rng.integers(0, k, cfg.batch_size, dtype=np.int64)}
+        paths = write_models(folder, backbone, weight, bias, k)
+        times = time_models({"backbone": folder / "backbone.onnx", **paths}, feeds, settings, cfg)
+        for path in paths.values():
+            path.unlink()
+        medians = {kind: t["median_ms"] for kind, t in times.items()}
+        per_k[str(k)] = {**times, **compare(medians["backbone"], medians["full"], medians["single_logit"], d, k, gbps),
+                         "peak_rss_gb": timing.peak_rss_gb(), "head_gb": BYTES_PER_WEIGHT * d * k / 1e9}
+        progress.update()
+    for name in ("head.weights", "backbone.weights", "backbone.onnx"):
+        (folder / name).unlink()
+    return {"d": d, "input_shape": list(input_shape(architecture)), "k": per_k}
+
+
+def time_exports(exports: Path, cfg: BenchmarkConfig, settings: dict) -> dict:
+    """The trained runs' own exports (whatever of model / backbone / single_logit each has), at
+    their own input shape and batch `cfg.batch_size`, asking about class 0."""
+    results = {}
+    for run in sorted(p for p in exports.glob("*") if (p / "single_logit.onnx").exists()):
+        found = {kind: run / f"{kind}.onnx" for kind in ("model", "backbone", "single_logit")}
+        first = onnx.load(str(found["single_logit"]), load_external_data=False).graph.input[0]
+        shape = [cfg.batch_size] + [dim.dim_value for dim in first.type.tensor_type.shape.dim[1:]]
+        feeds = {"image": np.random.default_rng(0).standard_normal(shape, dtype=np.float32),
+                 "class_id": np.zeros(cfg.batch_size, np.int64)}
+        results[run.name] = time_models({kind: path for kind, path in found.items() if path.exists()},
+                                        feeds, settings, cfg)
+    return results
+
+
+def goals(architectures: dict) -> dict:
+    """The issue's three goals, as measured (they are not asserted: a busy machine may miss them)."""
+    rows = [(arch, int(k), r) for arch, a in architectures.items() for k, r in a["k"].items()]
+    out = {"max_single_vs_backbone": max(r["single_vs_backbone"] for _, _, r in rows),
+           "max_full_vs_predicted": max(r["full_vs_predicted"] for _, _, r in rows)}
+    out["single_within_1.05x_of_backbone"] = out["max_single_vs_backbone"] <= 1.05
+    out["full_within_1.15x_of_prediction"] = out["max_full_vs_predicted"] <= 1.15
+    for arch, a in architectures.items():
+        top = max(a["k"], key=int)
+        out[f"{arch}_speedup_at_{top}"] = a["k"][top]["speedup"]
+        out[f"{arch}_speedup_limit_at_{top}"] = a["k"][top]["speedup_limit"]
+    return out
+
+
+def run_benchmark(params: Params, exports: Path, workdir: Path) -> dict:
+    """Every figure of the stage, as the dict that metrics/speedup.json holds."""
+    cfg = params.benchmark
+    settings = timing.session_settings(cfg.threads, cfg.prepacking, timing.choose_providers(cfg.providers))
+    bandwidth = timing.memory_bandwidth(cfg.threads, cfg.bandwidth_mib, cfg.repeats)
+    results = {"machine": timing.machine_info(), "settings": {**dataclasses.asdict(cfg), "session": settings},
+               "bandwidth": bandwidth, "architectures": {}}
+    with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k") as progress:
+        for arch in cfg.architectures:
+            results["architectures"][arch] = benchmark_architecture(
+                arch, cfg, params.model, settings, bandwidth["gbps"], workdir / arch, progress)
+    results["exports"] = time_exports(exports, cfg, settings) if exports.is_dir() else {}
+    results["goals"] = goals(results["architectures"])
+    return results

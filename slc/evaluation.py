@@ -1,0 +1,210 @@
+"""Evaluation: how well does one logit alone answer "is this class c?", per trained model.
+
+Each finished trial's validation and test logits are computed once; from them come the paper's
+errors (1-AUPRC, 1-P@r on test), per-class thresholds for each recall target (chosen on
+validation, the split a deployment calibrates on) and what those thresholds really give on test,
+the PoLS-aligned vs non-aligned comparison of Table 1, and the plots. Logits are dropped after
+each run, so memory stays at one run's logits whatever the grid size.
+
+The data may be another prepared dataset than the one trained on (`--data`), as long as it has
+the same classes in the same order and the same input shape; its images are re-normalised with
+the statistics the model was trained with, so the model sees what it saw in training.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from slc import tracking
+from slc.config import EvaluateConfig
+from slc.data import PreparedData, renormalisation
+from slc.errors import PipelineError
+from slc.losses import POLS_ALIGNED
+from slc.metrics import (logit_histograms, pols_summary, pr_curve_mean, precision_recall_at,
+                              recall_key, slc_metrics)
+from slc.models import load_trained, predict_logits
+from slc.files import finite_or_none, write_json, write_text_atomic
+from slc.records import TrialRecord, read_trials
+from slc.table1_report import error_names, table1_markdown, write_plot_data, write_plot_pngs
+
+class EvaluateError(PipelineError, RuntimeError):
+    """Inputs that cannot be evaluated: a malformed trials.json, data with other classes."""
+
+
+@dataclass
+class RunResult:
+    """Everything kept of one run once its logits are dropped."""
+    class_means: dict[str, float]            # slc_metrics' mean_* on test, for pols_summary
+    metrics: dict[str, float]                # flat numbers: slc.json `runs` and MLflow
+    thresholds: dict[str, list[float]]       # recall_key -> per-class threshold from val
+    thresholds_test: dict[str, dict]         # recall_key -> per-class test precision, recall
+    pr_curve: tuple[np.ndarray, np.ndarray]  # recall grid, mean precision over classes
+    histogram: dict[str, np.ndarray]         # edges, true, false (test logits)
+
+
+def check_same_classes(info: dict, data: PreparedData) -> None:
+    """A logit means a class only through its position: other names or order would be misread."""
+    run = info.get("run_name", "?")
+    if list(info["class_names"]) != list(data.class_names):
+        diff = next((i for i, (a, b) in enumerate(zip(info["class_names"], data.class_names)) if a != b),
+                    min(len(info["class_names"]), len(data.class_names)))
+        raise EvaluateError(
+            f"{run} was trained on {len(info['class_names'])} classes {info['class_names'][:5]}... but "
+            f"{data.root} has {len(data.class_names)} classes {data.class_names[:5]}... (first "
+            f"difference at class {diff}); evaluate on data prepared with the same classes in the "
+            f"same order")
+    if tuple(info["input_shape"]) != tuple(data.input_shape):
+        raise EvaluateError(f"{run} takes images of shape {tuple(info['input_shape'])} but {data.root} "
+                            f"has {tuple(data.input_shape)}; prepare the data at the model's image size")
+
+
+def _nan_stat(fn, values: np.ndarray) -> float:
+    """mean/min over classes that have a value; NaN (JSON null) when none has."""
+    values = values[np.isfinite(values)]
+    return float(fn(values)) if len(values) else float("nan")
+
+
+def evaluate_logits(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
+                    test_labels: np.ndarray, recalls: list[float], hist_bins: int) -> RunResult:
+    """One run's results from its logits; pure numpy, so it is tested without a model."""
+    test = slc_metrics(test_logits, test_labels, recalls)
+    val = slc_metrics(val_logits, val_labels, recalls)
+    names = error_names(recalls)
+    keys = ["auprc", *(f"precision_at_recall_{recall_key(r)}" for r in recalls)]
+    class_means = {f"mean_{key}": test[f"mean_{key}"] for key in keys}
+    metrics = {name: 1.0 - class_means[f"mean_{key}"] for name, key in zip(names, keys)}
+    metrics["accuracy"] = test["accuracy"]
+    thresholds, thresholds_test = {}, {}
+    for r in recalls:
+        key = recall_key(r)
+        threshold = val[f"threshold_at_recall_{key}"]
+        precision, recall = precision_recall_at(test_logits, test_labels, threshold)
+        thresholds[key] = threshold.tolist()
+        thresholds_test[key] = {"threshold": threshold.tolist(), "precision": precision.tolist(),
+                                "recall": recall.tolist()}
+        metrics[f"test_precision_at_val_threshold_{key}"] = _nan_stat(np.mean, precision)
+        metrics[f"test_recall_at_val_threshold_{key}"] = _nan_stat(np.mean, recall)
+        metrics[f"test_recall_at_val_threshold_{key}_min"] = _nan_stat(np.min, recall)
+    return RunResult(class_means, metrics, thresholds, thresholds_test,
+                     pr_curve_mean(test_logits, test_labels),
+                     logit_histograms(test_logits, test_labels, hist_bins))
+
+
+def summarise_runs(results: dict[str, RunResult], losses: dict[str, list[str]], recalls: list[float]) -> dict:
+    """metrics/slc.json: the PoLS summary, per loss (mean, std over seeds), per run.
+
+    `losses` maps each loss to its evaluated run names. Per loss only the paper's errors and
+    accuracy, so `dvc metrics show` stays readable; the threshold figures are per run. The std is
+    the sample std (ddof=1) over seeds, 0 with a single seed. `summary` is empty unless both
+    kinds of loss were evaluated.
+    """
+    per_loss, per_loss_means = {}, {}
+    for loss, runs in losses.items():
+        row: dict[str, float] = {"seeds": len(runs)}
+        for name in [*error_names(recalls), "accuracy"]:
+            values = np.array([results[run].metrics[name] for run in runs])
+            row[f"{name}_mean"] = float(np.mean(values))
+            row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        per_loss[loss] = row
+        per_loss_means[loss] = {key: float(np.mean([results[run].class_means[key] for run in runs]))
+                                for key in results[runs[0]].class_means}
+    summary = {}
+    if any(loss in POLS_ALIGNED for loss in losses) and any(loss not in POLS_ALIGNED for loss in losses):
+        errors = pols_summary(per_loss_means, POLS_ALIGNED)["error"]
+        keys = ["auprc", *(f"precision_at_recall_{recall_key(r)}" for r in recalls)]
+        summary = {name: errors[key] for name, key in zip(error_names(recalls), keys)}
+    return {"summary": summary, "losses": per_loss,
+            "runs": {run: result.metrics for run, result in results.items()}}
+
+
+def log_to_mlflow(uri: str, trials: list[TrialRecord], results: dict[str, RunResult],
+                  files: list[Path]) -> None:
+    """Each trial's own metrics and the shared table and plots, into the trial's MLflow run.
+
+    MLflow mirrors the DVC outputs for the UI; a run that cannot be reached is a warning, never
+    a reason to lose the stage's outputs. Trials without a run id are skipped.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for run, run_id in tracking.trial_runs(uri, trials, results).items():
+        result = results[run]
+        try:
+            tracking.log_metrics(uri, run_id, {f"evaluate/{name}": value for name, value in
+                                               result.metrics.items() if np.isfinite(value)}, step=0)
+            client.log_dict(run_id, finite_or_none({"thresholds": result.thresholds,
+                                                    "test": result.thresholds_test}),
+                            "evaluate/thresholds.json")
+            for path in files:
+                client.log_artifact(run_id, str(path), "evaluate")
+        except Exception as error:  # a missing run, an unreachable server: report, keep going
+            warnings.warn(f"could not log {run} to MLflow run {run_id} at {uri}: {error}")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the stage writes; the paths dvc.yaml declares, passed in rather than hard-coded."""
+    metrics: Path = Path("metrics/slc.json")
+    table: Path = Path("results/table1.md")
+    thresholds: Path = Path("results/thresholds.json")
+    thresholds_test: Path = Path("results/thresholds_test.json")
+    plots: Path = Path("plots")
+
+
+def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateConfig,
+             out: Outputs = Outputs(), val_split: str = "val", test_split: str = "test") -> dict:
+    """Evaluate every finished trial and write all outputs.
+
+    A trial's model is read from `models_dir/<run_name>` (not the record's `model_dir`), so the
+    models directory dvc.yaml declares as a dependency is the one really read. Returns the
+    slc.json content (`slc`), the per-run `results`, the `trials` and the `files` worth logging.
+    """
+    trials = read_trials(trials_path)
+    finished = [t for t in trials if t.finished]
+    failed = [t for t in trials if not t.finished]
+    if not finished:
+        errors = "; ".join(f"{t.run_name}: {t.error}" for t in failed) or "no trials at all"
+        raise EvaluateError(f"no finished trial in {trials_path} to evaluate ({errors})")
+    data = PreparedData(data_dir)
+    val, test = data.split(val_split), data.split(test_split)
+    results: dict[str, RunResult] = {}
+    losses: dict[str, list[str]] = {}
+    first_info = None
+    for trial in tqdm(finished, desc="evaluate"):
+        run = trial.run_name
+        model, info = load_trained(models_dir / run)
+        check_same_classes(info, data)
+        first_info = first_info or info
+        shift = renormalisation(data.meta["normalisation"], info["normalisation"])
+        logits = {name: predict_logits(model, split, cfg.batch_size, scale_shift=shift, desc=f"{run} {name}")
+                  for name, split in ((val_split, val), (test_split, test))}
+        results[run] = evaluate_logits(logits[val_split], val.labels, logits[test_split], test.labels,
+                                       cfg.recalls, cfg.hist_bins)
+        losses.setdefault(trial.loss, []).append(run)
+    slc = summarise_runs(results, losses, cfg.recalls)
+
+    settings = {"dataset": first_info["dataset"], "model": first_info["model"]["name"],
+                "epochs": first_info["train"]["epochs"],
+                "seeds": sorted({t.seed for t in trials}), "recalls": cfg.recalls,
+                "test_size": len(test),
+                "evaluated_on": f"{data_dir} ({data.meta['dataset']}): thresholds from split "
+                                f"'{val_split}', errors on split '{test_split}'"}
+    pr_curves = {loss: (results[runs[0]].pr_curve[0],
+                        np.mean([results[run].pr_curve[1] for run in runs], axis=0))
+                 for loss, runs in losses.items()}
+    # One model's histogram per loss (its first seed): PoLS is a property of one model.
+    histograms = {loss: results[runs[0]].histogram for loss, runs in losses.items()}
+
+    write_json(out.metrics, slc)
+    write_text_atomic(out.table, table1_markdown(slc, settings, failed, POLS_ALIGNED))
+    write_json(out.thresholds, {run: r.thresholds for run, r in results.items()})
+    write_json(out.thresholds_test, {run: r.thresholds_test for run, r in results.items()})
+    write_plot_data(out.plots, pr_curves, histograms)
+    pngs = write_plot_pngs(out.plots, pr_curves, histograms, POLS_ALIGNED)
+    return {"slc": slc, "results": results, "trials": trials, "files": [out.metrics, out.table, *pngs]}

@@ -1,0 +1,280 @@
+"""Export: each trained run -> exports/<run_name>/, single-logit ONNX models, verified.
+
+Layout (every path is also in manifest.json, which is what serving reads):
+  backbone.onnx      image -> features (N, d); its weights in backbone.weights
+  model.onnx         image -> logits (N, k); head W, b in head.weights
+  single_logit.onnx  image, class_id -> logit (N,); gathers W[c], b[c] from head.weights
+  class_<c>.onnx     image -> logit (N,) of class c: the backbone plus its own d + 1 floats
+  manifest.json      classes, input, normalisation, thresholds, sha256 of every file, measured error
+All models sit in one folder beside the weights files they share, because onnxruntime refuses an
+external-data path that climbs up (`../`): so `class_<c>.onnx`, not `classes/<c>.onnx`.
+Every file is run in onnxruntime on real test images and fails if one disagrees with
+PyTorch, so a broken export never reaches serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from slc import tracking
+from serving.errors import ExportError
+from serving.manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from slc.config import ExportConfig
+from slc.data import PreparedData, renormalisation
+from slc.files import sha256
+from slc.records import TrialRecord
+from slc.models import load_trained
+from slc.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, \
+    write_single_logit
+
+INFO_KEYS = ("run_name", "loss", "dataset", "class_names", "input_shape", "normalisation", "pixel_scale")
+
+
+class _Features(nn.Module):
+    """torch.onnx.export traces `forward`; this makes it the model's `features`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.features(image)
+
+
+def export_backbone(model: nn.Module, input_shape, opset: int):
+    """image (N, C, H, W) -> features (N, d) as an in-memory ModelProto with inline weights (the
+    caller moves them to a shared file). Batch 2 as example: torch.export specialises sizes 0/1."""
+    example = torch.zeros(2, *input_shape)
+    program = torch.onnx.export(_Features(model).eval(), (example,), dynamo=True, opset_version=opset,
+                                input_names=["image"], output_names=["features"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    return strip_debug_info(program.model_proto)
+
+
+def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node stack traces and FX dumps: they are most of a graph's bytes
+    (repeated in every class file) and hold local paths that make exports differ between machines."""
+    def strip(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attribute in node.attribute:
+                for subgraph in [attribute.g, *attribute.graphs]:
+                    strip(subgraph)
+    strip(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+    return model
+
+
+def select_classes(classes: str | list[int], k: int) -> list[int]:
+    """export.classes -> the class ids that get their own file."""
+    if classes == "all":
+        return list(range(k))
+    if classes == "none":
+        return []
+    bad = [c for c in classes if not isinstance(c, int) or not 0 <= c < k]
+    if bad:
+        raise ExportError(f"export.classes has {bad}, not class ids of this model: use ids in [0, {k - 1}], "
+                          f"'all' or 'none'")
+    return sorted(set(classes))
+
+
+def write_models(model: nn.Module, out_dir: Path, input_shape, opset: int, class_ids: list[int]) -> dict:
+    """Write every ONNX file of an export into `out_dir`; returns the manifest's `models`."""
+    backbone = export_backbone(model, input_shape, opset)
+    with WeightsFile(out_dir / "backbone.weights") as weights:
+        externalize(backbone, weights)
+    save_checked(backbone, out_dir / "backbone.onnx")
+    weight, bias = (t.detach().float().numpy() for t in (model.head.weight, model.head.bias))
+    write_single_logit(out_dir, weight, bias, backbone=backbone, opset=opset)
+    classes = {}
+    for c in tqdm(class_ids, desc="class models", leave=False):
+        w, b = class_row(weight, bias, c)
+        classes[str(c)] = save_checked(build_head_graph("class", w, b, backbone=backbone),
+                                       out_dir / f"class_{c}.onnx").name
+    return {"full": "model.onnx", "backbone": "backbone.onnx", "single_logit": "single_logit.onnx",
+            "classes": classes}
+
+
+def _class_id_rounds(n: int, k: int) -> list[np.ndarray]:
+    """Class ids for a batch of n: a different class per row (the row-wise gather is what can go
+    wrong), shifted round by round until every class was asked; batch 1 asks for the last class."""
+    starts = range(0, k, n) if n > 1 else [k - 1]
+    return [(np.arange(n) + start) % k for start in starts]
+
+
+def verify_export(model: nn.Module, export_dir: Path, models: dict, images: torch.Tensor,
+                  atol: float) -> dict[str, float]:
+    """Run every file in onnxruntime on batch 1 and the whole batch; max |ORT - PyTorch| per file.
+    The reference logits are the model's own forward, so a model whose forward is not
+    head(features(x)) fails here instead of exporting something else."""
+    with torch.inference_mode():
+        refs = [(x.numpy(), model.features(x).numpy(), model(x).numpy()) for x in (images[:1], images)]
+    cases = {models["backbone"]: [({"image": x}, f) for x, f, _ in refs],
+             models["full"]: [({"image": x}, z) for x, _, z in refs],
+             models["single_logit"]: [({"image": x, "class_id": ids}, z[np.arange(len(x)), ids])
+                                      for x, _, z in refs for ids in _class_id_rounds(len(x), z.shape[1])]}
+    cases.update({path: [({"image": x}, z[:, int(c)]) for x, _, z in refs]
+                  for c, path in models["classes"].items()})
+    diffs = {}
+    for path, runs in tqdm(cases.items(), desc="verify", leave=False):
+        session = ort.InferenceSession(str(export_dir / path), providers=["CPUExecutionProvider"])
+        diff = 0.0
+        for feeds, expected in runs:
+            (got,) = session.run(None, feeds)
+            if got.shape != expected.shape:
+                raise ExportError(f"{path} gives shape {got.shape} for batch {len(feeds['image'])}, PyTorch "
+                                  f"{expected.shape}: the exported graph is wrong")
+            diff = max(diff, float(np.max(np.abs(got - expected))))
+        if not diff <= atol:
+            raise ExportError(f"{path} differs from PyTorch by {diff:.3g} (max abs), more than export.verify_atol "
+                              f"= {atol:g}: the export is wrong, or raise verify_atol if this error is float noise")
+        diffs[path] = diff
+    return diffs
+
+
+
+
+def file_table(export_dir: Path) -> dict[str, dict]:
+    """sha256 and size of every file of an export but the manifest itself."""
+    files = sorted(p for p in export_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {p.relative_to(export_dir).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+
+
+def _check_thresholds(thresholds: dict[str, list[float]] | None, k: int, run: str) -> dict:
+    """k thresholds per recall target; a class without one (NaN or null) is written as JSON null."""
+    for key, values in (thresholds or {}).items():
+        if len(values) != k:
+            raise ExportError(f"{run}: thresholds for recall {key} have {len(values)} values, the model has {k} "
+                              f"classes; re-run `dvc repro evaluate` for this model")
+    return {key: [float(v) if v is not None and np.isfinite(v) else None for v in values]
+            for key, values in (thresholds or {}).items()}
+
+
+def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[str, list[float]] | None,
+                 images: torch.Tensor, *, opset: int = 18, classes: str | list[int] = "all",
+                 atol: float = 1e-4) -> dict:
+    """Write and verify exports/<run_name>/ atomically (a temp folder renamed into place, so a
+    failed export leaves the previous one, or nothing); returns the manifest."""
+    missing = [key for key in INFO_KEYS if key not in info]
+    if missing:
+        raise ExportError(f"export_model: info lacks {', '.join(missing)}; it needs {', '.join(INFO_KEYS)}")
+    model = model.eval()
+    k, d = model.head.out_features, model.head.in_features
+    manifest = {"format_version": FORMAT_VERSION, "run_name": info["run_name"], "loss": info["loss"],
+                "dataset": info["dataset"], "class_names": list(info["class_names"]), "num_classes": k,
+                "feature_dim": d, "input": {"name": "image", "shape": list(info["input_shape"]), "dtype": "float32"},
+                "normalisation": {"mean": list(info["normalisation"]["mean"]), "std": list(info["normalisation"]["std"]),
+                                  "pixel_scale": float(info["pixel_scale"])},
+                "opset": opset, "thresholds": _check_thresholds(thresholds, k, info["run_name"]),
+                "class_id_range": [0, k - 1]}
+    if len(manifest["class_names"]) != k:
+        raise ExportError(f"{info['run_name']}: {len(manifest['class_names'])} class names for a model with {k} logits")
+    class_ids = select_classes(classes, k)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export unreadable to a serving user
+    try:
+        manifest["models"] = write_models(model, tmp, info["input_shape"], opset, class_ids)
+        diffs = verify_export(model, tmp, manifest["models"], images.float(), atol)
+        manifest["files"] = file_table(tmp)
+        manifest["max_abs_diff"] = diffs
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        read_manifest(tmp)  # the reader serving uses: an export it would refuse never lands
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Two renames: a reader sees the old export or the new one, never half of each."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+
+
+def _read_thresholds(path: Path, runs: list[str]) -> dict[str, dict]:
+    hint = "run `dvc repro evaluate` first (it calibrates the thresholds export ships)"
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path} not found: {hint}") from None
+    lacking = [run for run in runs if run not in table]
+    if lacking:
+        raise ExportError(f"{path} has no thresholds for {', '.join(lacking)}: {hint}")
+    return table
+
+
+def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data_dir: Path,
+                out_dir: Path) -> dict[str, dict]:
+    """The stage: export the selected trained runs; returns their manifests by run name."""
+    available = sorted(p.parent.name for p in Path(models_dir).glob("*/config.json"))
+    if not available:
+        raise ExportError(f"no trained model under {models_dir}: run `dvc repro train` first")
+    runs = available if cfg.runs == "all" else list(cfg.runs)
+    unknown = [run for run in runs if run not in available]
+    if unknown:
+        raise ExportError(f"export.runs names {', '.join(unknown)}, not trained; available runs: {', '.join(available)}")
+    thresholds = _read_thresholds(thresholds_path, runs)
+    data = PreparedData(data_dir)
+    manifests = {}
+    for run in tqdm(runs, desc="export"):
+        model, info = load_trained(Path(models_dir) / run)
+        images = verification_images(data, info, cfg.verify_images)
+        info = {"pixel_scale": data.meta["pixel_scale"], **info}
+        manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images,
+                                      opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol)
+    return manifests
+
+
+def verification_images(data: PreparedData, info: dict, n: int) -> torch.Tensor:
+    """The first n test images, normalised as the trained model `info` expects."""
+    if tuple(info["input_shape"]) != tuple(data.input_shape):
+        raise ExportError(f"{info['run_name']} takes images of shape {tuple(info['input_shape'])} but {data.root} "
+                          f"has {tuple(data.input_shape)}: verify on data prepared at the model's image size")
+    test = data.split("test")
+    images = torch.stack([image for image, _ in test.__getitems__(list(range(min(n, len(test)))))])
+    scale, shift = renormalisation(data.meta["normalisation"], info["normalisation"])
+    return images * scale + shift
+
+
+def log_to_mlflow(uri: str, trials: list[TrialRecord], exports_dir: Path, manifests: dict[str, dict],
+                  data: PreparedData) -> None:
+    """Each export's full and single-logit models (`mlflow.onnx`, two test images as the input
+    example) and its manifest, into the trial's MLflow run. As in evaluate, a run that cannot be
+    reached is a warning, never a reason to lose the stage's outputs."""
+    from mlflow import MlflowClient
+
+    for run, run_id in tracking.trial_runs(uri, trials, manifests).items():
+        manifest, export_dir = manifests[run], Path(exports_dir) / run
+        model_info = {"run_name": run, "input_shape": manifest["input"]["shape"],
+                      "normalisation": manifest["normalisation"]}
+        images = verification_images(data, model_info, 2).numpy()
+        class_ids = np.array([0, manifest["num_classes"] - 1], dtype=np.int64)
+        try:
+            tracking.log_onnx(uri, run_id, "onnx_model", export_dir / manifest["models"]["full"], {"image": images})
+            tracking.log_onnx(uri, run_id, "onnx_single_logit", export_dir / manifest["models"]["single_logit"],
+                              {"image": images, "class_id": class_ids})
+            MlflowClient(uri).log_artifact(run_id, str(export_dir / MANIFEST), "export")
+        except Exception as error:  # a missing run, an unreachable server: report, keep going
+            warnings.warn(f"could not log the export of {run} to MLflow run {run_id} at {uri}: {error}")
