@@ -5,13 +5,21 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test ui serve data
+LOCK := requirements.lock
+
+.PHONY: run test test-fast lint lock ui serve data
 
 run: $(VENV)/.installed data
 	dvc repro
 
-test: $(VENV)/.installed data
+test: lint data
 	$(PYTHON) -m pytest
+
+test-fast: lint
+	$(PYTHON) -m pytest -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 ui: $(VENV)/.installed
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -19,13 +27,28 @@ ui: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(PYTHON) -m pipeline.serve
 
-# torch and torchvision first, pinned: pip finds these releases on this machine's disk.
-$(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
+# Every extra at the versions of $(LOCK), then this project without resolving again; a changed lock
+# (or pyproject.toml: entry points, packages) installs again.
+$(VENV)/.installed: $(LOCK) pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -r $(LOCK)
+	$(PYTHON) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# Run `make lock` after changing a requirement in pyproject.toml (tests/unit/test_packaging.py fails
+# until you do) or to take newer releases: delete $(LOCK) first to upgrade everything, as uv keeps
+# the versions already in it where they still fit. It pins every extra for CPython 3.11 on Linux
+# x86_64 (glibc 2.36, Debian 12), the machines `make` targets. uv reads no pip.conf, so it gets pip's
+# indexes and find-links here: it sees the releases pip sees (torch from this machine's disk).
+lock:
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet uv
+	UV_INDEX_STRATEGY=unsafe-best-match \
+	UV_EXTRA_INDEX_URL="$$($(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)" \
+	UV_FIND_LINKS="$$($(PYTHON) -m pip config get global.find-links 2>/dev/null)" \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra pipeline --extra serve --extra ray-serve --extra dev \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_36 --quiet -o $(LOCK)
 
 # The default dataset: Debian's package when we may install it; otherwise torchvision downloads
 # Fashion-MNIST into data/raw during `prepare`.

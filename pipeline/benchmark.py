@@ -10,6 +10,7 @@ from slc.benchmarking import run_benchmark
 from slc.config import load_params
 from slc.errors import run_stage
 
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -22,7 +23,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the figures to MLflow")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    from pipeline import speedup_report
 
     with tempfile.TemporaryDirectory(prefix="slc-benchmark-", dir=args.workdir) as workdir:
         results = run_benchmark(params, args.exports, Path(workdir))

@@ -1,4 +1,4 @@
-"""`evaluate` stage: the single-logit errors of every finished trial, Table 1, thresholds, plots (see slc.evaluation)."""
+"""`evaluate` stage: single-logit errors of every finished trial, Table 1, thresholds, plots (slc.evaluation)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from slc import tracking
 from slc.config import load_params
 from slc.errors import run_stage
 from slc.evaluation import Outputs, evaluate, log_to_mlflow
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -1,4 +1,4 @@
-"""`export` stage: each trained run -> exports/<run_name>/, single-logit ONNX models verified against PyTorch (see slc.exporting)."""
+"""`export` stage: each trained run -> exports/<run_name>/, ONNX models verified against PyTorch (slc.exporting)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from slc.data import PreparedData
 from slc.errors import run_stage
 from slc.exporting import export_runs, log_to_mlflow
 from slc.records import read_trials
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

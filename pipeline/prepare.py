@@ -1,4 +1,4 @@
-"""`prepare` stage: validate a dataset, carve the validation split, compute normalisation, write (see slc.preparation)."""
+"""`prepare` stage: validate a dataset, carve the validation split, compute normalisation (slc.preparation)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ from pathlib import Path
 from slc.config import load_params
 from slc.errors import run_stage
 from slc.preparation import prepare
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)

@@ -1,43 +1,69 @@
 """Write the README's results section from the pipeline's own outputs, so it cannot drift from them.
 
 `python -m pipeline.readme_results` replaces what lies between the two markers in README.md with
-the head of `results/table1.md`, `results/speedup.md` and `results/serving.md` (each up to the
-end of its first table, with a link to the whole file) and the plots beside them. Run it after
-`make run` (and `python -m serving.loadtest`) when the figures should be published.
+the head of each report (Table 1, the speedup, the serving load test), rendered from the JSON the
+stage wrote by the same functions that wrote the report, with a link to the whole report, then
+the plots. Nothing reads the Markdown reports back: their layout can change freely. Run it after
+`make run` (and the load test) when the figures should be published.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from serving import loadtest
+from slc import speedup_report
+from slc.losses import POLS_ALIGNED
+from slc.table1_report import NEAREST_PAPER_DATASET, error_names, errors_markdown, settings_markdown, table1_title
 
 BEGIN = "<!-- results: written by `python -m pipeline.readme_results` from the files below; edit those, not this -->"
 END = "<!-- end of results -->"
-TABLES = {"results/table1.md": "`make run`", "results/speedup.md": "`make run`",  # report -> what writes it
-          "results/serving.md": "`python -m serving.loadtest exports/<run> --out results/serving.md`"}
 PLOTS = ("plots/logit_hist.png", "plots/pr_curves.png", "plots/speedup.png")
+LOADTEST = "`python -m serving.loadtest exports/<run> --out results/serving.md` (it writes results/serving.json too)"
 
 
-def _head(markdown: str) -> tuple[str, str]:
-    """A report's title, and its text up to the end of its first table (sub-headings demoted
-    to fit under the README's)."""
-    title, _, body = markdown.strip().partition("\n")
-    lines = body.strip().splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
-    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
-    head = [f"##{line}" if line.startswith("## ") else line for line in lines[:end]]
-    return title.lstrip("# ").strip(), "\n".join(head).strip()
+def table1_head(slc: dict) -> tuple[str, str]:
+    """Title and body from metrics/slc.json. Its `settings` (dataset, model, epochs, ...) are
+    needed for the settings lines and the paper's row; a file written without them still gives
+    our errors, with the columns taken from its keys."""
+    if "settings" in slc:
+        settings = slc["settings"]
+        paper = NEAREST_PAPER_DATASET.get(settings["dataset"])
+        return table1_title(settings), (f"{settings_markdown(settings)}\n\n"
+                                        + errors_markdown(slc, error_names(settings["recalls"]), POLS_ALIGNED, paper))
+    first = next(iter(slc["losses"].values()))
+    names = [key.removesuffix("_mean") for key in first if key.startswith("1-") and key.endswith("_mean")]
+    return ("Table 1: single-logit errors (lower is better)",
+            f"{errors_markdown(slc, names, POLS_ALIGNED, None)}\n\n`metrics/slc.json` holds no `settings`, so the "
+            "dataset, model, seeds and the paper's nearest row are in the whole report only.")
+
+
+def speedup_head(results: dict) -> tuple[str, str]:
+    return speedup_report.TITLE, speedup_report.summary_markdown(results, heading="####")
+
+
+def loadtest_head(figures: dict) -> tuple[str, str]:
+    note = f"\n\nNote: {figures['note']}." if "note" in figures else ""
+    return loadtest.TITLE, loadtest.summary_markdown(figures) + note
+
+
+# figures (JSON) -> (the report written beside them, what writes both, their README head)
+SOURCES = {"metrics/slc.json": ("results/table1.md", "`make run`", table1_head),
+           "metrics/speedup.json": ("results/speedup.md", "`make run`", speedup_head),
+           "results/serving.json": ("results/serving.md", LOADTEST, loadtest_head)}
 
 
 def results_section(root: Path) -> str:
-    """The generated section: one sub-section per report that exists, then the plots."""
+    """The generated section: one sub-section per report whose figures exist, then the plots."""
     parts = []
-    for name, maker in TABLES.items():
-        path = root / name
+    for figures, (report, maker, head) in SOURCES.items():
+        path = root / figures
         if path.is_file():
-            title, body = _head(path.read_text())
-            parts.append(f"### {title}\n\n{body}\n\nThe whole report: [`{name}`]({name}).")
+            title, body = head(json.loads(path.read_text()))
+            parts.append(f"### {title}\n\n{body}\n\nThe whole report: [`{report}`]({report}).")
         else:
-            parts.append(f"`{name}` is not there yet: {maker} writes it.")
+            parts.append(f"`{figures}` is not there yet: {maker} writes it.")
     images = [f"![{Path(name).stem}]({name})" for name in PLOTS if (root / name).is_file()]
     return "\n\n".join(parts + ([" ".join(images)] if images else []))
 

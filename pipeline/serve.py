@@ -8,9 +8,13 @@ import argparse
 import json
 from pathlib import Path
 
-from slc.config import load_params
-from slc.errors import run_stage
 from serving import cli
+from slc.config import load_params
+from slc.errors import PipelineError, run_stage
+
+
+class NothingToServeError(PipelineError):
+    """No metrics to rank the runs by, or no exported run: the stages before serving have not run."""
 
 
 def best_run(metrics_path: Path, exports: Path) -> str:
@@ -18,10 +22,12 @@ def best_run(metrics_path: Path, exports: Path) -> str:
     try:
         runs = json.loads(metrics_path.read_text())["runs"]
     except FileNotFoundError:
-        raise SystemExit(f"{metrics_path} not found: run `make run` (dvc repro) first") from None
+        raise NothingToServeError(f"{metrics_path} not found, so no run can be chosen to serve: "
+                                  f"run the pipeline first (`make run` or `dvc repro`)") from None
     exported = {run: m["1-auprc"] for run, m in runs.items() if (exports / run / "manifest.json").exists()}
     if not exported:
-        raise SystemExit(f"no exported run under {exports}/: run `dvc repro export` first")
+        raise NothingToServeError(f"no exported run of {metrics_path} under {exports}/ (none has a "
+                                  f"manifest.json): run `dvc repro export` first")
     return min(exported, key=exported.get)
 
 

@@ -1,6 +1,6 @@
 """Load test of `slc serve` on loopback: requests/s and latency for single_logit.onnx vs model.onnx.
 
-    python -m serving.loadtest exports/batch_ce-s0 --out results/serving.md
+    python -m serving.loadtest exports/batch_ce-s0 --out results/serving.md   # and results/serving.json
 
 For each graph a server is started in its own process, warmed up, then driven by an asyncio
 client at each concurrency until a request budget or a time budget runs out, whichever is first,
@@ -8,6 +8,8 @@ so the test always stops by itself. Every request is a real upload (one PNG of t
 size) through the whole HTTP path. Client and server share this machine's CPUs, so besides wall
 time the CPU time each side spent per request is reported: it says where the time went even
 when other work competes for the cores (the load average is printed too).
+The figures are written as JSON beside the Markdown: the README's results section is rendered
+from that JSON with `summary_markdown`, so nothing reads the Markdown back.
 """
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
 import resource
 import socket
 import subprocess
@@ -27,12 +27,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import psutil
 from PIL import Image
+from tabulate import tabulate
 
+from serving.machine import machine_info
 from serving.model import GRAPHS, SingleLogitModel
 
+TITLE = "Serving load test"
 POOL = 32            # distinct images sent in turn
 STARTUP_TIMEOUT = 60.0
 COLUMNS = ("graph", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/serving.md"))
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the figures go as JSON (default: --out with .json, which the README reads)")
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=1000, help="timed requests per level at most")
@@ -61,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in args.concurrency:
                 rows.append({"graph": graph, "concurrency": concurrency,
                              **measure(server, pool, concurrency, args.requests, args.duration)})
-                print(format_row(rows[-1]), file=sys.stderr)
-    report = render(model, args, rows)
+                print(" ".join(f"{column}={rows[-1][column]}" for column in COLUMNS), file=sys.stderr)
+    figures = {"settings": {"export_dir": str(args.export_dir), "server_args": args.server_args,
+                            "requests": args.requests, "duration": args.duration, "warmup": args.warmup},
+               "model": {"run_name": model.run_name, "dataset": model.manifest["dataset"],
+                         "num_classes": model.num_classes, "input_shape": list(model.input_shape),
+                         "providers": list(model.providers)},
+               "machine": {**machine_info(), "httpx": httpx.__version__},  # after the load: its load average
+               "rows": rows}
+    report = render(figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    (args.json or args.out.with_suffix(".json")).write_text(json.dumps(figures, indent=2) + "\n")
     print(report)
     return 1 if any(row["errors"] for row in rows) else 0
 
@@ -95,7 +104,7 @@ class Server:
                         "--log-level", "warning", *options]
         self.url = f"http://127.0.0.1:{port}"
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on it
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         try:
@@ -188,37 +197,35 @@ async def drive(url: str, pool: list[bytes], concurrency: int, requests: int, du
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
 
 
-def machine() -> dict:
-    """Where the figures come from; the load average says whether other work shared the CPUs."""
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "httpx": httpx.__version__,
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+def table_markdown(rows: list[dict]) -> str:
+    """One row per graph and concurrency; numparse off, so figures print as measured."""
+    return tabulate([[row[column] for column in COLUMNS] for row in rows], HEADER, tablefmt="github",
+                    disable_numparse=True)
 
 
-def format_row(row: dict) -> str:
-    return "| " + " | ".join(str(row[column]) for column in COLUMNS) + " |"
+def summary_markdown(figures: dict) -> str:
+    """What was measured, where and how, then the table: the part the README shows too.
 
-
-def render(model: SingleLogitModel, args, rows: list[dict]) -> str:
-    m = machine()
-    c, h, w = model.input_shape
-    lines = [
-        "# Serving load test",
-        "",
-        f"`python -m serving.loadtest {args.export_dir}{' --server-args ' + repr(args.server_args) if args.server_args else ''}` "
-        f"on {m['platform']}, {m['cpus']} CPUs (1-min load average {m['load_average_1min']} at the end), "
-        f"Python {m['python']}, onnxruntime {m['onnxruntime']} ({', '.join(model.providers)}).",
-        f"Model: run {model.run_name} ({model.manifest['dataset']}, {model.num_classes} classes, input [{c}, {h}, {w}]); "
+    `figures` is what `main` writes as JSON: settings, model, machine, rows.
+    """
+    s, m, model = figures["settings"], figures["machine"], figures["model"]
+    c, h, w = model["input_shape"]
+    command = f"python -m serving.loadtest {s['export_dir']}" + (
+        f" --server-args {s['server_args']!r}" if s["server_args"] else "")
+    return "\n".join([
+        f"`{command}` on {m['platform']}, {m['cores']} CPUs (1-min load average {m['load_average'][0]:.2f} at "
+        f"the end), Python {m['python']}, onnxruntime {m['onnxruntime']} ({', '.join(model['providers'])}).",
+        f"Model: run {model['run_name']} ({model['dataset']}, {model['num_classes']} classes, input [{c}, {h}, {w}]); "
         f"each request uploads one {h}x{w} PNG to `POST /v1/classes/0/score` of `slc serve` (uvicorn, one process).",
-        f"Per level: at most {args.requests} timed requests or {args.duration:g} s, after {args.warmup} untimed "
+        f"Per level: at most {s['requests']} timed requests or {s['duration']:g} s, after {s['warmup']} untimed "
         f"warm-up requests per server. Client (httpx, asyncio) and server share the machine over loopback.",
         "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + " --- |" * len(HEADER),
-        *(format_row(row) for row in rows),
-        "",
-    ]
-    failed = [row for row in rows if row["errors"]]
+        table_markdown(figures["rows"])])
+
+
+def render(figures: dict) -> str:
+    lines = [f"# {TITLE}", "", summary_markdown(figures), ""]
+    failed = [row for row in figures["rows"] if row["errors"]]
     if failed:
         lines += [f"First error ({failed[0]['graph']}, concurrency {failed[0]['concurrency']}): "
                   f"{failed[0]['first_error']}", ""]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -87,7 +87,7 @@ class SingleLogitModel:
 
     @classmethod
     def load(cls, export_dir: str | Path, *, graph: str = "single_logit", providers: str | list[str] = "auto",
-             max_batch: int | None = None, threads: int | None = None) -> "SingleLogitModel":
+             max_batch: int | None = None, threads: int | None = None) -> SingleLogitModel:
         """Check the export (hashes, schema), open `graph` ("single_logit" or "full") and check its shapes.
 
         `max_batch` caps the images per call (None: no cap); `threads` is onnxruntime's intra-op
@@ -213,16 +213,20 @@ def _as_recall(recall) -> float | None:
 
 
 def choose_providers(providers: str | list[str] = "auto") -> list[str]:
-    """onnxruntime providers: "auto" takes CUDA only when a CUDA device really answers, else the CPU.
+    """onnxruntime providers: "auto" takes CUDA only when a CUDA device really answers, else the CPU;
+    a provider name or a list of them is taken as given once this onnxruntime build has each one.
 
     onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU is present, and falls back to
-    the CPU with only a log line, so the driver is asked for its device count instead.
+    the CPU with only a log line, so the driver is asked for its device count instead. The
+    pipeline's benchmark uses this same rule, reporting its ValueError as a benchmark.providers error.
     """
     available = ort.get_available_providers()
     if providers == "auto":
         return [CUDA, CPU] if CUDA in available and cuda_device_count() > 0 else [CPU]
     if isinstance(providers, str):
         providers = [providers]
+    if not providers:
+        raise ValueError(f"no onnxruntime provider named; available: {', '.join(available)} (or 'auto')")
     missing = [p for p in providers if p not in available]
     if missing:
         raise ValueError(f"onnxruntime provider {missing[0]!r} is not available here; available: "

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from tqdm import tqdm
 
+from serving.machine import machine_info
+from serving.model import choose_providers
 from slc import timing
 from slc.config import BenchmarkConfig, ConfigError, ModelConfig, Params
 from slc.exporting import export_backbone
-from slc.onnx_graphs import (DEFAULT_OPSET, SyntheticRows, WeightsFile, build_head_graph, externalize,
-                                  save_checked)
+from slc.onnx_graphs import DEFAULT_OPSET, SyntheticRows, WeightsFile, build_head_graph, externalize, save_checked
 
 BYTES_PER_WEIGHT = 4  # float32
 # Images of the paper's small networks (MNIST 28x28 grey, SVHN/CIFAR 32x32 colour); every
@@ -177,14 +178,26 @@ def goals(architectures: dict) -> dict:
     return out
 
 
+def session_providers(setting: str | list[str]) -> list[str]:
+    """benchmark.providers chosen by serving's rule, so the benchmark runs where a deployment would;
+    a setting it refuses is a params error, printed as one line."""
+    try:
+        return choose_providers(setting)
+    except ValueError as error:
+        raise ConfigError(f"benchmark.providers = {setting!r} is invalid: {error}") from None
+
+
 def run_benchmark(params: Params, exports: Path, workdir: Path) -> dict:
     """Every figure of the stage, as the dict that metrics/speedup.json holds."""
     cfg = params.benchmark
-    settings = timing.session_settings(cfg.threads, cfg.prepacking, timing.choose_providers(cfg.providers))
+    settings = timing.session_settings(cfg.threads, cfg.prepacking, session_providers(cfg.providers))
     bandwidth = timing.memory_bandwidth(cfg.threads, cfg.bandwidth_mib, cfg.repeats)
-    results = {"machine": timing.machine_info(), "settings": {**dataclasses.asdict(cfg), "session": settings},
+    # serving's machine_info is torch-free: torch and the GPU are this side's addition
+    machine = {**machine_info(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name(0) if timing.gpu_available() else None}
+    results = {"machine": machine, "settings": {**dataclasses.asdict(cfg), "session": settings},
                "bandwidth": bandwidth, "architectures": {}}
-    with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k") as progress:
+    with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k", disable=None) as progress:
         for arch in cfg.architectures:
             results["architectures"][arch] = benchmark_architecture(
                 arch, cfg, params.model, settings, bandwidth["gbps"], workdir / arch, progress)

@@ -1,4 +1,4 @@
-"""params.yaml -> frozen dataclasses.
+"""params.yaml -> frozen dataclasses, checked by pydantic.
 
 Every stage reads its settings only through `load_params`, so a typo in params.yaml fails loudly
 with the key's dotted path instead of silently falling back to a default.
@@ -6,12 +6,13 @@ with the key's dotted path instead of silently falling back to a default.
 from __future__ import annotations
 
 import dataclasses
-import types
+import json
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 
 from slc.errors import PipelineError
 
@@ -22,7 +23,24 @@ class ConfigError(PipelineError, ValueError):
     """A params.yaml value that is missing, unknown or of the wrong type."""
 
 
-@dataclass(frozen=True)
+def _config(cls):
+    """A frozen pydantic dataclass, strict ("five", 2.5 or true for an int is an error, not a guess;
+    an int still makes a float). It stays a dataclass, so `dataclasses.replace` (which re-validates)
+    and `asdict` work, and its every failure, a direct construction's too, is a ConfigError."""
+    cls = dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))(cls)
+    validate = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as error:
+            raise _config_error(type(self), error, type(self).__name__) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_config
 class SyntheticConfig:
     num_classes: int
     train_per_class: int
@@ -30,7 +48,7 @@ class SyntheticConfig:
     image_size: int
 
 
-@dataclass(frozen=True)
+@_config
 class DataConfig:
     name: str
     root: str
@@ -49,14 +67,14 @@ class DataConfig:
         _require(self.image_size > 0, "data.image_size", self.image_size, "a positive size")
 
 
-@dataclass(frozen=True)
+@_config
 class ModelConfig:
     name: str
     hidden: int
     channels: int
 
 
-@dataclass(frozen=True)
+@_config
 class TrainConfig:
     epochs: int
     batch_size: int
@@ -75,7 +93,7 @@ class TrainConfig:
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive number")
 
 
-@dataclass(frozen=True)
+@_config
 class GridConfig:
     losses: list[str]
     seeds: list[int]
@@ -85,7 +103,7 @@ class GridConfig:
         _require(len(self.seeds) > 0, "grid.seeds", self.seeds, "a non-empty list of seeds")
 
 
-@dataclass(frozen=True)
+@_config
 class RayConfig:
     address: str | None
     num_cpus: int | None
@@ -98,22 +116,21 @@ class RayConfig:
     def __post_init__(self):
         _require(self.num_cpus is None or self.num_cpus > 0, "ray.num_cpus", self.num_cpus,
                  "null (every CPU of this machine) or a positive count")
-        _require(self.num_workers > 0, "ray.num_workers", self.num_workers, "a positive integer")
+        for key in ("num_workers", "max_concurrent_trials"):
+            _require(getattr(self, key) > 0, f"ray.{key}", getattr(self, key), "a positive integer")
         _require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "ray.cpus_per_worker",
                  self.cpus_per_worker, "null (share the CPUs out) or a positive number")
-        _require(self.max_concurrent_trials > 0, "ray.max_concurrent_trials", self.max_concurrent_trials,
-                 "a positive integer")
         _require(self.max_failures >= -1, "ray.max_failures", self.max_failures,
                  "0 (no restarts), a positive count, or -1 (restart forever)")
 
 
-@dataclass(frozen=True)
+@_config
 class MlflowConfig:
     experiment: str
     tracking_uri: str | None
 
 
-@dataclass(frozen=True)
+@_config
 class EvaluateConfig:
     recalls: list[float]
     batch_size: int
@@ -126,7 +143,7 @@ class EvaluateConfig:
         _require(self.hist_bins > 0, "evaluate.hist_bins", self.hist_bins, "a positive integer")
 
 
-@dataclass(frozen=True)
+@_config
 class ExportConfig:
     runs: str | list[str]
     classes: str | list[int]
@@ -145,7 +162,7 @@ class ExportConfig:
                  "at least 2 (files are checked on batch 1 and on a larger batch)")
 
 
-@dataclass(frozen=True)
+@_config
 class BenchmarkConfig:
     architectures: list[str]
     num_classes: list[int]
@@ -167,7 +184,7 @@ class BenchmarkConfig:
         _require(self.warmup >= 0, "benchmark.warmup", self.warmup, "0 or more warm-up runs")
 
 
-@dataclass(frozen=True)
+@_config
 class ServingConfig:
     host: str
     port: int
@@ -185,7 +202,7 @@ class ServingConfig:
             _require(value is None or value > 0, f"serving.{key}", value, "null (the default) or a positive count")
 
 
-@dataclass(frozen=True)
+@_config
 class Params:
     data: DataConfig
     model: ModelConfig
@@ -212,64 +229,42 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
 
 
 def from_dict(cls, raw, path: str = ""):
-    """Build dataclass `cls` from nested dicts, checking keys and types on the way down."""
-    where = path or "params.yaml"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key {_join(path, unknown[0])}: the keys of {where} are {', '.join(names)}")
-    missing = [name for name in names if name not in raw]
-    if missing:
-        raise ConfigError(f"missing key {_join(path, missing[0])} ({_type_name(hints[missing[0]])})")
-    return cls(**{name: _convert(raw[name], hints[name], _join(path, name)) for name in names})
+    """Build config class `cls` from nested dicts; `path` is where `raw` sits in params.yaml."""
+    # via JSON: strict Python mode takes only instances for the sections, strict JSON mode takes objects
+    try:
+        return cls.__pydantic_validator__.validate_json(json.dumps(raw, default=str))
+    except ValidationError as error:
+        raise _config_error(cls, error, path) from None
 
 
-def _convert(value, hint, path: str):
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _convert(value, option, path)
-            except ConfigError:
-                continue
-        raise _type_error(path, hint, value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(path, hint, value)
-        (item,) = typing.get_args(hint)
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _type_error(path, hint, value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise _type_error(path, hint, value)
-    return value
+def _config_error(cls, error: ValidationError, path: str) -> ConfigError:
+    """pydantic's first error as one line that names the key's dotted path (an unknown key first:
+    it is likely the typo of a missing one)."""
+    first = min(error.errors(), key=lambda e: not e["type"].startswith("unexpected"))
+    if first["type"] == "value_error" and isinstance(first["ctx"]["error"], ConfigError):
+        return first["ctx"]["error"]  # a range check of __post_init__, already worded
+    hint, where = cls, path
+    for key in first["loc"]:  # down to the key's declared type; a union's option name or an unknown key stops it
+        if isinstance(key, int) and dataclasses.is_dataclass(hint) and key < len(hint.__pydantic_fields__):
+            key = list(hint.__pydantic_fields__)[key]  # a positional argument of a direct construction
+        if isinstance(key, int) and typing.get_origin(hint) is list:
+            hint, where = typing.get_args(hint)[0], f"{where}[{key}]"
+        elif dataclasses.is_dataclass(hint) and key in hint.__pydantic_fields__:
+            hint, where = hint.__pydantic_fields__[key].annotation, f"{where}.{key}".lstrip(".")
+        else:
+            break
+    expected = str(hint) if typing.get_args(hint) else hint.__name__
+    if first["type"].startswith("unexpected"):
+        key = f"{where}.{first['loc'][-1]}".lstrip(".")
+        names = ", ".join(field.name for field in dataclasses.fields(hint))
+        return ConfigError(f"unknown key {key}: the keys of {where or 'params.yaml'} are {names}")
+    if first["type"] == "missing":
+        return ConfigError(f"missing key {where} ({expected})")
+    if first["type"] == "dataclass_type":
+        return ConfigError(f"{where or 'params.yaml'}: expected a mapping of keys, got {first['input']!r}")
+    return ConfigError(f"{where} = {first['input']!r} has the wrong type: expected {expected}")
 
 
 def _require(ok: bool, path: str, value, expected: str):
     if not ok:
         raise ConfigError(f"{path} = {value!r} is invalid: expected {expected}")
-
-
-def _type_error(path: str, hint, value) -> ConfigError:
-    return ConfigError(f"{path} = {value!r} has the wrong type: expected {_type_name(hint)}")
-
-
-def _type_name(hint) -> str:
-    if hint is type(None):
-        return "null"
-    if isinstance(hint, type) and not typing.get_args(hint):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key

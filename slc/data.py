@@ -9,9 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -246,7 +246,7 @@ class PreparedData:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["input_shape"])
 
-    def split(self, name: str) -> "PreparedSplit":
+    def split(self, name: str) -> PreparedSplit:
         if name not in self.meta["splits"]:
             raise KeyError(f"unknown split {name!r}; {self.root} has {', '.join(self.meta['splits'])}")
         return PreparedSplit(self.root, name, self.meta)

@@ -12,26 +12,24 @@ the statistics the model was trained with, so the model sees what it saw in trai
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from slc import tracking
 from slc.config import EvaluateConfig
 from slc.data import PreparedData, renormalisation
 from slc.errors import PipelineError
-from slc.losses import POLS_ALIGNED
-from slc.metrics import (logit_histograms, pols_summary, pr_curve_mean, precision_recall_at,
-                              recall_key, slc_metrics)
-from slc.models import load_trained, predict_logits
 from slc.files import finite_or_none, write_json, write_text_atomic
+from slc.losses import POLS_ALIGNED
+from slc.metrics import logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
+from slc.models import load_trained, predict_logits
 from slc.records import TrialRecord, read_trials
 from slc.table1_report import error_names, table1_markdown, write_plot_data, write_plot_pngs
+
 
 class EvaluateError(PipelineError, RuntimeError):
     """Inputs that cannot be evaluated: a malformed trials.json, data with other classes."""
@@ -144,7 +142,7 @@ def log_to_mlflow(uri: str, trials: list[TrialRecord], results: dict[str, RunRes
             for path in files:
                 client.log_artifact(run_id, str(path), "evaluate")
         except Exception as error:  # a missing run, an unreachable server: report, keep going
-            warnings.warn(f"could not log {run} to MLflow run {run_id} at {uri}: {error}")
+            warnings.warn(f"could not log {run} to MLflow run {run_id} at {uri}: {error}", stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -176,7 +174,7 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
     results: dict[str, RunResult] = {}
     losses: dict[str, list[str]] = {}
     first_info = None
-    for trial in tqdm(finished, desc="evaluate"):
+    for trial in tqdm(finished, desc="evaluate", disable=None):
         run = trial.run_name
         model, info = load_trained(models_dir / run)
         check_same_classes(info, data)
@@ -201,6 +199,7 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
     # One model's histogram per loss (its first seed): PoLS is a property of one model.
     histograms = {loss: results[runs[0]].histogram for loss, runs in losses.items()}
 
+    slc["settings"] = settings  # what the README and report say the figures came from
     write_json(out.metrics, slc)
     write_text_atomic(out.table, table1_markdown(slc, settings, failed, POLS_ALIGNED))
     write_json(out.thresholds, {run: r.thresholds for run, r in results.items()})

@@ -27,16 +27,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from slc import tracking
 from serving.errors import ExportError
 from serving.manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from slc import tracking
 from slc.config import ExportConfig
 from slc.data import PreparedData, renormalisation
 from slc.files import sha256
-from slc.records import TrialRecord
 from slc.models import load_trained
-from slc.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, \
-    write_single_logit
+from slc.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, write_single_logit
+from slc.records import TrialRecord
 
 INFO_KEYS = ("run_name", "loss", "dataset", "class_names", "input_shape", "normalisation", "pixel_scale")
 
@@ -101,7 +100,7 @@ def write_models(model: nn.Module, out_dir: Path, input_shape, opset: int, class
     weight, bias = (t.detach().float().numpy() for t in (model.head.weight, model.head.bias))
     write_single_logit(out_dir, weight, bias, backbone=backbone, opset=opset)
     classes = {}
-    for c in tqdm(class_ids, desc="class models", leave=False):
+    for c in tqdm(class_ids, desc="class models", leave=False, disable=None):
         w, b = class_row(weight, bias, c)
         classes[str(c)] = save_checked(build_head_graph("class", w, b, backbone=backbone),
                                        out_dir / f"class_{c}.onnx").name
@@ -130,7 +129,7 @@ def verify_export(model: nn.Module, export_dir: Path, models: dict, images: torc
     cases.update({path: [({"image": x}, z[:, int(c)]) for x, _, z in refs]
                   for c, path in models["classes"].items()})
     diffs = {}
-    for path, runs in tqdm(cases.items(), desc="verify", leave=False):
+    for path, runs in tqdm(cases.items(), desc="verify", leave=False, disable=None):
         session = ort.InferenceSession(str(export_dir / path), providers=["CPUExecutionProvider"])
         diff = 0.0
         for feeds, expected in runs:
@@ -238,7 +237,7 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
     thresholds = _read_thresholds(thresholds_path, runs)
     data = PreparedData(data_dir)
     manifests = {}
-    for run in tqdm(runs, desc="export"):
+    for run in tqdm(runs, desc="export", disable=None):
         model, info = load_trained(Path(models_dir) / run)
         images = verification_images(data, info, cfg.verify_images)
         info = {"pixel_scale": data.meta["pixel_scale"], **info}
@@ -277,4 +276,5 @@ def log_to_mlflow(uri: str, trials: list[TrialRecord], exports_dir: Path, manife
                               {"image": images, "class_id": class_ids})
             MlflowClient(uri).log_artifact(run_id, str(export_dir / MANIFEST), "export")
         except Exception as error:  # a missing run, an unreachable server: report, keep going
-            warnings.warn(f"could not log the export of {run} to MLflow run {run_id} at {uri}: {error}")
+            warnings.warn(f"could not log the export of {run} to MLflow run {run_id} at {uri}: {error}",
+                          stacklevel=2)

@@ -14,9 +14,9 @@ Three kinds of process, each with one job:
 from __future__ import annotations
 
 import contextlib
-import logging
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -32,19 +32,23 @@ from ray import tune
 from torch.utils.data import DataLoader, DistributedSampler
 
 from slc import tracking
+from slc.closure import ROOT, import_closure
 from slc.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
 from slc.data import PreparedData
 from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from slc.models import build_model, save_trained
 from slc.records import RecordError, TrialRecord, read_trials, write_trials
-from slc.training import CHECKPOINT_FILE, EpochReport, RunConfig, trained_info, train_one
+from slc.training import CHECKPOINT_FILE, EpochReport, RunConfig, train_one, trained_info
 
 log = logging.getLogger(__name__)
 
 DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
 EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
-TRAINING_CODE = ("config.py", "data.py", "losses.py", "models.py", "metrics.py", "training.py", "grid.py")
+# Ray Train's worker logging setup puts the root logger at INFO, so its "Reporting training result ..."
+# line (logged under a file path, not `ray.train`, which LoggingConfig filters) fills the log every
+# epoch; without that setup it is dropped (as are the ray-train-*-worker-*.log files in Ray's session dir)
+QUIET_TRAIN_WORKERS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
 
 
 def connect(cfg: RayConfig) -> dict[str, float]:
@@ -132,7 +136,8 @@ def _train_worker(config: dict) -> dict | None:
 
 def _run_trial(config: dict) -> dict:
     """A Tune trial: fit one TorchTrainer; any failure is returned as a failed record."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.exceptions import TrainingFailedError
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -148,8 +153,9 @@ def _run_trial(config: dict) -> dict:
                                   failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                                   checkpoint_config=CheckpointConfig(num_to_keep=1),
                                   callbacks=[TuneReportCallback()],
-                                  # the driver prints each epoch; Ray's per-report lines would bury it
-                                  logging_config=LoggingConfig(log_level="WARNING")))
+                                  # the driver logs each epoch; Ray's per-report lines would bury it
+                                  logging_config=LoggingConfig(log_level="WARNING"),
+                                  worker_runtime_env={"env_vars": QUIET_TRAIN_WORKERS}))
     try:
         result = trainer.fit()
         summary, checkpoint = result.return_value, result.checkpoint
@@ -194,7 +200,7 @@ class _Recorder(tune.Callback):
                 record = record.model_copy(update={"model_dir": str(self._save_model(config,
                                                                                      outcome["checkpoint_path"]))})
             except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
-                traceback.print_exc()
+                log.exception("%s: saving the model failed", spec["run_name"])
                 record = record.model_copy(update={"status": "failed",
                                                    "error": f"saving the model failed: {_one_line(error)}"})
         tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record.finished else "FAILED")
@@ -240,9 +246,10 @@ def _finite(value: float) -> float | None:
 def trial_fingerprint(loss: str, seed: int, sections: dict, data: PreparedData) -> str:
     """What decides a trial's model: its loss and seed, the model and the train settings its loss
     reads (not the other losses' hyper-parameters), the DDP layout, the prepared data and the
-    training code. An unchanged fingerprint lets a re-run keep the trial instead of retraining it."""
+    training code (every project file this module imports, see slc.closure). An unchanged
+    fingerprint lets a re-run keep the trial instead of retraining it."""
     unread = LOSS_TRAIN_KEYS - train_keys_of(loss)
-    code = {name: hashlib.md5((Path(__file__).parent / name).read_bytes()).hexdigest() for name in TRAINING_CODE}
+    code = {path.as_posix(): hashlib.md5((ROOT / path).read_bytes()).hexdigest() for path in import_closure(__name__)}
     return tracking.params_hash({
         "loss": loss, "seed": seed, "model": sections["model"],
         "train": {key: value for key, value in sections["train"].items() if key not in unread},

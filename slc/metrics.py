@@ -14,7 +14,7 @@ there, which would silently pull the mean down.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_w
 from tqdm.auto import tqdm
 
 from slc.config import ConfigError, ModelConfig, from_dict
+from slc.errors import PipelineError
 
 InputShape = tuple[int, int, int]
 
@@ -188,6 +189,10 @@ def save_trained(model: nn.Module, run_dir: str | Path, info: dict) -> None:
     (run_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+class MissingModelError(PipelineError, FileNotFoundError):
+    """models/<run>/ lacks its config.json or model.pt: the train stage has not made it."""
+
+
 def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
     """A trained model on the CPU in eval mode, and its config.json."""
     run_dir = Path(run_dir)
@@ -195,8 +200,8 @@ def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
         info = json.loads((run_dir / "config.json").read_text())
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error.filename} not found: {run_dir} is not a trained model "
-                                f"(run the train stage, `dvc repro train`)") from None
+        raise MissingModelError(f"{error.filename} not found: {run_dir} is not a trained model "
+                                  f"(run the train stage, `dvc repro train`)") from None
     model = build_model(from_dict(ModelConfig, info["model"], "model"), tuple(info["input_shape"]), info["num_classes"])
     model.load_state_dict(state)
     return model.eval(), info
@@ -213,6 +218,6 @@ def predict_logits(model: nn.Module, dataset, batch_size: int = 1024, device: to
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     chunks = [model((images * scale + shift).to(device)).float().cpu().numpy()
-              for images, _ in tqdm(loader, desc=desc, leave=False, disable=desc is None)]
+              for images, _ in tqdm(loader, desc=desc, leave=False, disable=None if desc else True)]
     model.train(was_training)
     return np.concatenate(chunks)

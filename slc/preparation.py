@@ -74,7 +74,7 @@ def normalisation(train: Split, image_size: int, seed: int) -> tuple[list[float]
         images = train.images
     else:
         pick = np.random.default_rng(seed).permutation(len(train))[:STATS_SAMPLE]
-        images = np.stack([load_image(train.paths[i], image_size) for i in tqdm(pick, desc="stats")])
+        images = np.stack([load_image(train.paths[i], image_size) for i in tqdm(pick, desc="stats", disable=None)])
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     pixels = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)
     mean = pixels.mean(axis=1, dtype=np.float64) / scale

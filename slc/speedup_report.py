@@ -11,9 +11,12 @@ import math
 import time
 from pathlib import Path
 
+from tabulate import tabulate
+
 from slc.config import MlflowConfig
 from slc.files import write_json, write_text_atomic
 
+TITLE = "Single-logit speedup: the paper's Table 2 in onnxruntime"
 # The paper's Table 2: SLC forward time (ms) and full-model time / SLC time at 2^14, 2^18, 2^18.5.
 PAPER_K = (2 ** 14, 2 ** 18, int(2 ** 18.5))  # 2^18.5 = 370,727.6: the params use 370,727
 PAPER_TABLE2: dict[str, tuple[float, tuple[float, float, float]]] = {
@@ -53,47 +56,43 @@ def _ms(t: dict) -> str:
     return f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}–{t['p90_ms']:.1f})"
 
 
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    """GitHub Markdown; numparse off, so that x1.00 and 400,000 are printed as formatted here."""
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
 def table2_markdown(results: dict) -> str:
     """Paper layout: SLC time, then full / SLC per k; ours, the bandwidth limit and the paper's."""
     ks = sorted({int(k) for a in results["architectures"].values() for k in a["k"]})
-    header = ["architecture", "SLC time", *(f"k = {k_label(k)}" for k in ks)]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
     for arch, a in results["architectures"].items():
         top = a["k"][str(max(int(k) for k in a["k"]))]
-        ours = [f"x{a['k'][str(k)]['speedup']:.2f}" if str(k) in a["k"] else "—" for k in ks]
-        limit = [f"x{a['k'][str(k)]['speedup_limit']:.2f}" if str(k) in a["k"] else "—" for k in ks]
-        lines.append(f"| {arch} (ours) | {top['single_logit']['median_ms']:.1f} ms | " + " | ".join(ours) + " |")
-        lines.append(f"| {arch} (bandwidth limit) | {top['backbone']['median_ms']:.1f} ms (backbone) | "
-                     + " | ".join(limit) + " |")
+        factor = lambda key: [f"x{a['k'][str(k)][key]:.2f}" if str(k) in a["k"] else "—" for k in ks]
+        rows += [[f"{arch} (ours)", f"{top['single_logit']['median_ms']:.1f} ms", *factor("speedup")],
+                 [f"{arch} (bandwidth limit)", f"{top['backbone']['median_ms']:.1f} ms (backbone)",
+                  *factor("speedup_limit")]]
         if arch in PAPER_TABLE2:
             slc, factors = PAPER_TABLE2[arch]
             paper = dict(zip(PAPER_K, factors))
-            lines.append(f"| {arch} (paper) | {slc} ms | "
-                         + " | ".join(f"x{paper[k]:.2f}" if k in paper else "—" for k in ks) + " |")
-    return "\n".join(lines)
+            rows.append([f"{arch} (paper)", f"{slc} ms", *(f"x{paper[k]:.2f}" if k in paper else "—" for k in ks)])
+    return _table(rows, ["architecture", "SLC time", *(f"k = {k_label(k)}" for k in ks)])
 
 
 def details_markdown(results: dict) -> str:
-    header = ("| architecture | k | head GB | backbone ms | single_logit ms | full ms | predicted full ms | "
-              "full / predicted | single / backbone | speedup | limit | peak RSS GB |")
-    lines = [header, "|" + " --- |" * header.count(" | ") + " --- |"]
-    for r in rows(results):
-        s = r["spread"]
-        lines.append(f"| {r['architecture']} | {r['k']:,} | {r['head_gb']:.2f} | {_ms(s['backbone'])} | "
-                     f"{_ms(s['single_logit'])} | {_ms(s['full'])} | {r['predicted_full_ms']:.1f} | "
-                     f"{r['full_vs_predicted']:.2f} | {r['single_vs_backbone']:.3f} | x{r['speedup']:.2f} | "
-                     f"x{r['speedup_limit']:.2f} | {r['peak_rss_gb']:.2f} |")
-    return "\n".join(lines)
+    headers = ["architecture", "k", "head GB", "backbone ms", "single_logit ms", "full ms", "predicted full ms",
+               "full / predicted", "single / backbone", "speedup", "limit", "peak RSS GB"]
+    return _table([[r["architecture"], f"{r['k']:,}", f"{r['head_gb']:.2f}", _ms(r["spread"]["backbone"]),
+                    _ms(r["spread"]["single_logit"]), _ms(r["spread"]["full"]), f"{r['predicted_full_ms']:.1f}",
+                    f"{r['full_vs_predicted']:.2f}", f"{r['single_vs_backbone']:.3f}", f"x{r['speedup']:.2f}",
+                    f"x{r['speedup_limit']:.2f}", f"{r['peak_rss_gb']:.2f}"] for r in rows(results)], headers)
 
 
 def exports_markdown(exports: dict) -> str:
     if not exports:
         return "No trained exports were found (run `dvc repro export` first)."
     kinds = ("model", "backbone", "single_logit")
-    lines = ["| run | " + " | ".join(f"{kind}.onnx ms" for kind in kinds) + " |", "|" + " --- |" * 4]
-    for run, times in exports.items():
-        lines.append(f"| {run} | " + " | ".join(_ms(times[kind]) if kind in times else "—" for kind in kinds) + " |")
-    return "\n".join(lines)
+    return _table([[run, *(_ms(times[kind]) if kind in times else "—" for kind in kinds)]
+                   for run, times in exports.items()], ["run", *(f"{kind}.onnx ms" for kind in kinds)])
 
 
 def paper_reading(results: dict) -> str:
@@ -127,13 +126,14 @@ def goals_markdown(goals: dict) -> str:
     return "\n".join(lines)
 
 
-def speedup_markdown(results: dict) -> str:
+def summary_markdown(results: dict, heading: str = "##") -> str:
+    """The machine, the settings, the bandwidth, then Table 2 under `heading`: the part of the
+    report that the README shows too (rendered from metrics/speedup.json)."""
     m, s, bw = results["machine"], results["settings"], results["bandwidth"]
     session = s["session"]
     providers = sorted({p for a in results["architectures"].values() for r in a["k"].values()
                         for kind in ("full", "single_logit", "backbone") for p in r[kind]["providers_used"]})
     return "\n".join([
-        "# Single-logit speedup: the paper's Table 2 in onnxruntime", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU: {m['gpu'] or 'none'}; "
         f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['load_average'])}.",
@@ -144,9 +144,14 @@ def speedup_markdown(results: dict) -> str:
         "Random weights (latency does not depend on their values).",
         f"Memory bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']}; best {bw['gbps_best']:.1f}, numpy one "
         f"thread {bw['numpy_1thread_gbps']:.1f}). Prediction: full = backbone + 4·d·k bytes / bandwidth.", "",
-        "## Full k-class model time / single-logit time", "",
+        f"{heading} Full k-class model time / single-logit time", "",
         "SLC time: single_logit.onnx at the largest k. Bandwidth limit: the prediction over the backbone alone.", "",
-        table2_markdown(results), "",
+        table2_markdown(results)])
+
+
+def speedup_markdown(results: dict) -> str:
+    return "\n".join([
+        f"# {TITLE}", "", summary_markdown(results), "",
         "## Goals", "", goals_markdown(results["goals"]), "",
         "## Why the speedup differs from the paper's", "", paper_reading(results), "",
         "## Every measurement", "", details_markdown(results), "",

@@ -5,15 +5,14 @@ matplotlib, and so that the table's layout can change without touching how it is
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from tabulate import tabulate
 
+from slc.files import write_json
 from slc.metrics import recall_key
 
 # The paper's Table 1 (1-AUPRC, 1-P@0.9, 1-P@0.99): mean non-PoLS, mean PoLS, relative improvement.
@@ -54,6 +53,53 @@ def _fmt_gain(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
 
 
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    """GitHub Markdown; numparse off, so that 0.100 and 22.1% are printed as formatted here."""
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
+# Table 1's bold rows: label, key in slc.json's summary, format, row of PAPER_TABLE1.
+SUMMARY_ROWS = (("mean non-PoLS", "non_pols", _fmt, 0), ("mean PoLS", "pols", _fmt, 1),
+                ("relative improvement", "relative_improvement", _fmt_gain, 2))
+
+
+def table1_title(settings: dict) -> str:
+    return f"Table 1 on {settings['dataset']}: single-logit errors (lower is better)"
+
+
+def settings_markdown(settings: dict) -> str:
+    """What the errors were measured on; `settings` has dataset, evaluated_on, model, epochs,
+    seeds, recalls, test_size (evaluate's settings)."""
+    paper = NEAREST_PAPER_DATASET.get(settings["dataset"])
+    return "\n".join([
+        f"- trained on: {settings['dataset']}; evaluated on: {settings['evaluated_on']}",
+        f"- model: {settings['model']}; epochs: {settings['epochs']}; seeds: {settings['seeds']}",
+        f"- errors are 1 - x on the test split ({settings['test_size']} images), averaged over "
+        f"classes; a loss's row is the mean ± std over its seeds",
+        "- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
+        + (f"nearest dataset {paper} ({PAPER_COLUMNS})" if paper else "no comparable dataset")])
+
+
+def errors_markdown(slc: dict, names: list[str], aligned: set[str], paper: str | None) -> str:
+    """Table 1 proper: one row per loss, the PoLS summary in bold, the paper's row beside it.
+
+    `slc` is the metrics/slc.json content, `names` its error columns (`error_names`), `paper` the
+    paper's dataset to set beside ours (a key of PAPER_TABLE1) or None. The README renders it too.
+    """
+    headers = ["loss", "PoLS-aligned", *names, *([f"paper {paper}"] if paper else [])]
+    rows = [[loss, "yes" if loss in aligned else "no",
+             *(_fmt_spread(row[f"{n}_mean"], row[f"{n}_std"], row["seeds"]) for n in names),
+             *([""] if paper else [])] for loss, row in slc["losses"].items()]
+    summary = slc["summary"]
+    if summary:
+        for label, key, fmt, paper_index in SUMMARY_ROWS:
+            paper_cell = [" / ".join(fmt(x) for x in PAPER_TABLE1[paper][paper_index])] if paper else []
+            rows.append([f"**{label}**", "", *(fmt(summary[n][key]) for n in names), *paper_cell])
+        return _table(rows, headers)
+    return (f"{_table(rows, headers)}\n\nNo PoLS summary: it needs at least one finished PoLS-aligned and one "
+            f"non-aligned loss (aligned: {', '.join(sorted(aligned))}).")
+
+
 def table1_markdown(slc: dict, settings: dict, failed: list, aligned: set[str]) -> str:
     """The paper's Table 1 for our dataset, the paper's nearest row beside it, and the settings.
 
@@ -62,51 +108,21 @@ def table1_markdown(slc: dict, settings: dict, failed: list, aligned: set[str]) 
     """
     names = error_names(settings["recalls"])
     paper = NEAREST_PAPER_DATASET.get(settings["dataset"])
-    lines = [f"# Table 1 on {settings['dataset']}: single-logit errors (lower is better)", "",
-             f"- trained on: {settings['dataset']}; evaluated on: {settings['evaluated_on']}",
-             f"- model: {settings['model']}; epochs: {settings['epochs']}; seeds: {settings['seeds']}",
-             f"- errors are 1 - x on the test split ({settings['test_size']} images), averaged over "
-             f"classes; a loss's row is the mean ± std over its seeds",
-             "- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
-             + (f"nearest dataset {paper} ({PAPER_COLUMNS})" if paper else "no comparable dataset"),
-             ""]
-    header = ["loss", "PoLS-aligned", *names, *([f"paper {paper}"] if paper else [])]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for loss, row in slc["losses"].items():
-        cells = [loss, "yes" if loss in aligned else "no",
-                 *(_fmt_spread(row[f"{n}_mean"], row[f"{n}_std"], row["seeds"]) for n in names)]
-        lines.append("| " + " | ".join(cells + ([""] if paper else [])) + " |")
-    summary = slc["summary"]
-    if summary:
-        rows = [("mean non-PoLS", "non_pols", _fmt, 0), ("mean PoLS", "pols", _fmt, 1),
-                ("relative improvement", "relative_improvement", _fmt_gain, 2)]
-        for label, key, fmt, paper_index in rows:
-            cells = [f"**{label}**", "", *(fmt(summary[n][key]) for n in names)]
-            if paper:
-                figures = PAPER_TABLE1[paper][paper_index]
-                cells.append(" / ".join((_fmt_gain if key == "relative_improvement" else _fmt)(x)
-                                        for x in figures))
-            lines.append("| " + " | ".join(cells) + " |")
-    else:
-        lines += ["", "No PoLS summary: it needs at least one finished PoLS-aligned and one "
-                      f"non-aligned loss (aligned: {', '.join(sorted(aligned))})."]
-    lines += ["", "## Thresholds calibrated on validation, measured on test", "",
-              "What a deployment sees: per class, the largest validation threshold reaching the "
-              "recall target; mean (and worst class) test precision and recall it gives.", "",
-              "| run | target recall | test precision (mean) | test recall (mean) | test recall (worst class) |",
-              "| --- | --- | --- | --- | --- |"]
-    for run, metrics in slc["runs"].items():
-        for r in settings["recalls"]:
-            key = recall_key(r)
-            lines.append(f"| {run} | {key} | {_fmt(metrics[f'test_precision_at_val_threshold_{key}'])} | "
-                         f"{_fmt(metrics[f'test_recall_at_val_threshold_{key}'])} | "
-                         f"{_fmt(metrics[f'test_recall_at_val_threshold_{key}_min'])} |")
+    thresholds = [[run, recall_key(r), *(_fmt(metrics[f"test_{kind}_at_val_threshold_{recall_key(r)}{suffix}"])
+                                         for kind, suffix in (("precision", ""), ("recall", ""), ("recall", "_min")))]
+                  for run, metrics in slc["runs"].items() for r in settings["recalls"]]
+    parts = [f"# {table1_title(settings)}", settings_markdown(settings), errors_markdown(slc, names, aligned, paper),
+             "## Thresholds calibrated on validation, measured on test",
+             "What a deployment sees: per class, the largest validation threshold reaching the "
+             "recall target; mean (and worst class) test precision and recall it gives.",
+             _table(thresholds, ["run", "target recall", "test precision (mean)", "test recall (mean)",
+                                 "test recall (worst class)"])]
     if failed:
-        lines += ["", "## Failed trials (not evaluated)", "", "| run | error |", "| --- | --- |"]
-        for trial in failed:
-            error = str(trial.error or "no error recorded").splitlines()
-            lines.append(f"| {trial.run_name} | {(error[-1] if error else '').replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
+        errors = [str(trial.error or "no error recorded").splitlines() for trial in failed]
+        parts += ["## Failed trials (not evaluated)",
+                  _table([[trial.run_name, (error[-1] if error else "").replace("|", "/")]
+                          for trial, error in zip(failed, errors)], ["run", "error"])]
+    return "\n\n".join(parts) + "\n"
 
 
 def write_plot_data(plots: Path, pr_curves: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -8,44 +8,26 @@ next to the figures.
 """
 from __future__ import annotations
 
-import os
-import platform
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def gpu_available() -> bool:
-    """A GPU that CUDA can really use; onnxruntime-gpu lists its CUDA provider even without one."""
+    """A GPU that torch can use (to name it in the results); which onnxruntime providers run is
+    `serving.model.choose_providers`' decision, made without torch."""
     try:
         import torch
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def choose_providers(setting: str | list[str]) -> list[str]:
-    """`auto`: CUDA first only where a GPU really exists, else the CPU; a list is taken as given,
-    after checking that this onnxruntime build has every provider named."""
-    import onnxruntime as ort
-
-    if setting == "auto":
-        return [CUDA, CPU] if gpu_available() and CUDA in ort.get_available_providers() else [CPU]
-    if isinstance(setting, str):
-        raise ValueError(f"benchmark.providers = {setting!r}: expected 'auto' or a list such as [{CPU}]")
-    missing = [p for p in setting if p not in ort.get_available_providers()]
-    if missing or not setting:
-        raise ValueError(f"benchmark.providers = {setting!r}: {missing or 'empty list'} not available in "
-                         f"this onnxruntime; available: {ort.get_available_providers()}")
-    return list(setting)
 
 
 def session_settings(threads: int, prepacking: bool, providers: list[str]) -> dict:
@@ -133,7 +115,6 @@ def memory_bandwidth(threads: int, mib: int, repeats: int) -> dict[str, float]:
         single = time_call(lambda: flat.sum(), warmup=1, repeats=repeats)
     finally:
         torch.set_num_threads(previous)
-    del buffer, flat
     return {"gbps": nbytes / timed["median_ms"] / 1e6, "gbps_best": nbytes / timed["min_ms"] / 1e6,
             "numpy_1thread_gbps": nbytes / single["median_ms"] / 1e6, "threads": threads,
             "buffer_mib": mib, "repeats": repeats, "method": f"torch.sum over {mib} MiB float32, "
@@ -151,7 +132,12 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process in GB (VmHWM; ru_maxrss where /proc is missing)."""
+    """Peak resident memory of this process in GB since the last `reset_peak_rss`.
+
+    Read from VmHWM in /proc, the mark clear_refs resets: psutil has no peak, and ru_maxrss starts
+    at the peak of the process that launched this one (the kernel carries it over exec), e.g. dvc's.
+    ru_maxrss only where /proc is missing (kilobytes, bytes on macOS), with no reset there.
+    """
     try:
         for line in PROC_STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -160,27 +146,5 @@ def peak_rss_gb() -> float:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict:
-    """What the figures were measured on: they mean little without it."""
-    import onnxruntime as ort
-    import torch
-
-    available = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 0)
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu_model(), "cores": len(available), "memory_gb": round(pages / 1e9, 1),
-            "gpu": torch.cuda.get_device_name(0) if gpu_available() else None,
-            "onnxruntime": ort.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average": list(os.getloadavg())}
+    unit = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 1e9

@@ -5,7 +5,7 @@ child run per trial (loss x seed), named `<loss>-s<seed>` like its `models/` dir
 carry the tags a person filters on in the UI (`tags.pols_aligned = 'true'`, `dataset`, `model`),
 and their params say what produced them (every train hyper-parameter, the git commit, a hash of
 the stage's params). Later stages (evaluate, export, benchmark) log into the same child runs, by
-the run id that `results/trials.json` records, through `trial_run`.
+the run id that `results/trials.json` records, through `resumed_run`.
 
 Runs are created and closed with `MlflowClient` and explicit run ids rather than MLflow's global
 "active run", because the code that logs (Ray trials, Train workers) lives in other processes
@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from slc.config import MlflowConfig
 
@@ -156,7 +156,7 @@ def trial_runs(uri: str, trials: list, names) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def trial_run(run_id: str, uri: str) -> Iterator:
+def resumed_run(run_id: str, uri: str) -> Iterator:
     """Make an existing run active for `mlflow.log_*` calls (e.g. `mlflow.pytorch.log_model`),
     leaving its status alone: resuming a finished trial run must not mark it running again."""
     import mlflow
@@ -178,7 +178,7 @@ def log_model(uri: str, run_id: str, model, example) -> None:
     import mlflow
     import torch
 
-    with trial_run(run_id, uri):
+    with resumed_run(run_id, uri):
         mlflow.pytorch.log_model(model, name="model", input_example=example,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
@@ -194,7 +194,7 @@ def log_onnx(uri: str, run_id: str, name: str, path: Path, example: dict) -> Non
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, example)
-    with trial_run(run_id, uri):
+    with resumed_run(run_id, uri):
         mlflow.onnx.log_model(onnx.load(str(path)), name=name, input_example=example,
                               signature=infer_signature(example, output),
                               onnx_execution_providers=["CPUExecutionProvider"],

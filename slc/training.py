@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ from slc.data import PreparedData
 from slc.losses import make_loss
 from slc.metrics import slc_metrics
 from slc.models import build_model, predict_logits
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -201,8 +204,9 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(r) for r in history]})
         if progress and main:
-            tqdm.write(f"{config.run_name} epoch {epoch}/{cfg.epochs}: train loss {epoch_loss:.4f}, val accuracy "
-                       f"{report.val_accuracy:.4f}, val mean AUPRC {report.val_mean_auprc:.4f} ({seconds:.1f} s)")
+            log.info("%s epoch %d/%d: train loss %.4f, val accuracy %.4f, val mean AUPRC %.4f (%.1f s)",
+                     config.run_name, epoch, cfg.epochs, epoch_loss, report.val_accuracy, report.val_mean_auprc,
+                     seconds)
         if on_epoch is not None:
             on_epoch(report)
     return TrainResult(config.run_name, "failed" if error else "finished", len(history), history, error,
@@ -216,7 +220,7 @@ def _train_epoch(model, loader, loss_fn, optimizer, device, description: str,
     model.train()
     start = time.perf_counter()
     total, count, samples = 0.0, 0, 0
-    bar = tqdm(loader, desc=description, disable=not progress, leave=False)
+    bar = tqdm(loader, desc=description, disable=None if progress else True, leave=False)
     for step, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device), labels.to(device)
         loss = loss_fn(model(images), labels)

@@ -1,26 +1,18 @@
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from pipeline import benchmark
+from slc.config import BenchmarkConfig
 from slc.onnx_graphs import write_single_logit
+from tests.conftest import write_params
 from tests.unit.test_benchmark import tiny_backbone
 
-TINY = {"architectures": ["mlp"], "num_classes": [1, 1000], "batch_size": 2, "threads": 1, "warmup": 1,
-        "repeats": 3, "providers": "auto", "prepacking": False, "bandwidth_mib": 16}
-
-
-def tiny_params(tmp_path):
-    params = yaml.safe_load(open("params.yaml"))
-    params["benchmark"] = TINY
-    params["model"]["hidden"] = 32
-    params["mlflow"] = {"experiment": "slc-test", "tracking_uri": None}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+TINY = BenchmarkConfig(architectures=["mlp"], num_classes=[1, 1000], batch_size=2, threads=1, warmup=1, repeats=3,
+                       providers="auto", prepacking=False, bandwidth_mib=16)
 
 
 def a_trained_export(exports):
@@ -33,12 +25,13 @@ def a_trained_export(exports):
 
 
 @pytest.mark.slow
-def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_path, monkeypatch):
+def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_path, monkeypatch, tiny_params):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     a_trained_export(tmp_path / "exports")
     out = tmp_path / "out"
-    results = benchmark.main(["--params", str(tiny_params(tmp_path)), "--exports", str(tmp_path / "exports"),
+    params = write_params(dataclasses.replace(tiny_params(), benchmark=TINY), tmp_path / "params.yaml")
+    results = benchmark.main(["--params", str(params), "--exports", str(tmp_path / "exports"),
                               "--metrics", str(out / "speedup.json"), "--table", str(out / "speedup.md"),
                               "--plots", str(out / "plots"), "--workdir", str(tmp_path)])
 
@@ -51,7 +44,7 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
     assert set(results["exports"]["bce-s0"]) == {"model", "backbone", "single_logit"}
     assert results["bandwidth"]["gbps"] > 0
     assert json.loads((out / "speedup.json").read_text())["goals"] == results["goals"]
-    assert "| mlp (ours) |" in (out / "speedup.md").read_text()
+    assert "| mlp (ours) " in (out / "speedup.md").read_text()
     assert (out / "plots" / "speedup.png").exists() and (out / "plots" / "speedup.csv").exists()
     assert [p.name for p in tmp_path.glob("slc-benchmark-*")] == []  # the models were removed
 

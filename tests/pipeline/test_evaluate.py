@@ -11,16 +11,14 @@ import torch
 
 from pipeline import evaluate as stage
 from slc import evaluation
-from slc.data import renormalisation
-from slc.records import RecordError, read_trials
-from slc.config import load_params
-from slc.data import PreparedData
+from slc.data import PreparedData, renormalisation
 from slc.metrics import slc_metrics
 from slc.models import save_trained
 from slc.preparation import prepare
+from slc.records import RecordError, read_trials
 from slc.training import RunConfig, train_one, trained_info
+from tests.conftest import shrunken
 
-PARAMS = load_params("params.yaml")
 REAL = Path("data/prepared")
 RECALLS = [0.9, 0.99]
 
@@ -105,16 +103,16 @@ def subset_prepared(src: Path, dst: Path, sizes: dict[str, int]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
+def grid(tmp_path_factory, params):
     """ce (2 seeds), bce, batch_ce: 1 epoch on 600 images, plus one failed nce trial."""
     root = tmp_path_factory.mktemp("grid")
     real = REAL
     if not (REAL / "meta.json").exists():  # a fresh clone: prepare the real Fashion-MNIST here
         real = root / "full"
-        prepare(PARAMS.data, real)
+        prepare(params.data, real)
     data = PreparedData(subset_prepared(real, root / "prepared", {"train": 600, "val": 300, "test": 1000}))
-    model = dataclasses.replace(PARAMS.model, name="mlp", hidden=32)
-    train = dataclasses.replace(PARAMS.train, epochs=1, batch_size=64)
+    tiny = shrunken(params, root)
+    model, train = tiny.model, tiny.train
     trials = []
     for loss, seed in (("ce", 0), ("ce", 1), ("bce", 0), ("batch_ce", 0)):
         config = RunConfig(loss, seed, model, train)
@@ -122,9 +120,9 @@ def grid(tmp_path_factory):
         save_trained(result.model, root / "models" / config.run_name, trained_info(config, data))
         trials.append({"run_name": config.run_name, "loss": loss, "seed": seed, "status": "finished",
                        "mlflow_run_id": None, "wall_time_s": result.wall_s, "samples_per_s": 0.0,
-                       "epochs": 1, "metrics": {}, "error": None, "model_dir": f"models/{config.run_name}"})
+                       "epochs": 1, "error": None, "model_dir": f"models/{config.run_name}"})
     trials.append({"run_name": "nce-s0", "loss": "nce", "seed": 0, "status": "failed", "mlflow_run_id": None,
-                   "wall_time_s": 0.1, "samples_per_s": None, "epochs": 0, "metrics": {},
+                   "wall_time_s": 0.1, "samples_per_s": None, "epochs": 0,
                    "error": "Traceback ...\nNonFiniteLoss: loss became nan", "model_dir": None})
     return root, data, trials
 
@@ -145,10 +143,10 @@ def run_cli(root: Path, trials: list[dict], data: Path, out: Path, *extra: str) 
     return out
 
 
-def run_direct(root: Path, trials: list[dict], data: Path, out: Path) -> dict:
+def run_direct(root: Path, trials: list[dict], data: Path, out: Path, params) -> dict:
     outputs = evaluation.Outputs(out / "slc.json", out / "table1.md", out / "thresholds.json",
                             out / "thresholds_test.json", out / "plots")
-    return evaluation.evaluate(write_trials(out, trials), root / "models", data, PARAMS.evaluate, outputs)["slc"]
+    return evaluation.evaluate(write_trials(out, trials), root / "models", data, params.evaluate, outputs)["slc"]
 
 
 DVC_YAML = """\
@@ -227,7 +225,7 @@ def test_metrics_reach_each_trials_mlflow_run(grid, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_other_data_with_the_same_classes_gives_the_same_test_errors(grid, tmp_path):
+def test_other_data_with_the_same_classes_gives_the_same_test_errors(grid, tmp_path, params):
     """Same test images as an npz dataset: its own normalisation, yet the models see the same inputs."""
     root, data, trials = grid
     test = data.split("test")
@@ -235,19 +233,19 @@ def test_other_data_with_the_same_classes_gives_the_same_test_errors(grid, tmp_p
     val = data.split("val")  # other training images, so the npz gets a normalisation of its own
     np.savez(npz, x_train=np.asarray(val.images[:, 0]), y_train=val.labels,
              x_test=np.asarray(test.images[:, 0]), y_test=test.labels, class_names=np.array(data.class_names))
-    cfg = dataclasses.replace(PARAMS.data, name="npz", npz_path=str(npz), train_limit=None)
+    cfg = dataclasses.replace(params.data, name="npz", npz_path=str(npz), train_limit=None)
     meta = prepare(cfg, tmp_path / "other")
     assert meta["normalisation"] != data.meta["normalisation"]
 
-    ours = run_direct(root, trials, data.root, tmp_path / "ours")["runs"]
-    theirs = run_direct(root, trials, tmp_path / "other", tmp_path / "theirs")["runs"]
+    ours = run_direct(root, trials, data.root, tmp_path / "ours", params)["runs"]
+    theirs = run_direct(root, trials, tmp_path / "other", tmp_path / "theirs", params)["runs"]
     for run, metrics in ours.items():
         for name in ("1-auprc", "1-p_at_0.9", "1-p_at_0.99", "accuracy"):
             assert theirs[run][name] == pytest.approx(metrics[name], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_data_with_other_classes_is_refused_with_the_names(grid, tmp_path):
+def test_data_with_other_classes_is_refused_with_the_names(grid, tmp_path, params):
     root, data, trials = grid
     other = tmp_path / "other"
     shutil.copytree(data.root, other)
@@ -255,4 +253,4 @@ def test_data_with_other_classes_is_refused_with_the_names(grid, tmp_path):
     meta["class_names"][3] = "Gown"
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(evaluation.EvaluateError, match=r"first difference at class 3.*same classes"):
-        run_direct(root, trials, other, tmp_path / "out")
+        run_direct(root, trials, other, tmp_path / "out", params)

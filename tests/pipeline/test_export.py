@@ -9,21 +9,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import yaml
 from onnx import numpy_helper
 
 from pipeline import export as stage
-from slc.config import ModelConfig, load_params
 from serving.errors import ExportError
 from serving.manifest import read_manifest
 from slc import exporting
+from slc.config import ModelConfig
 from slc.exporting import export_model, export_runs
 from slc.models import build_model, save_trained
 from slc.onnx_graphs import SyntheticRows, write_single_logit
 from slc.preparation import prepare
+from tests.conftest import write_params
 from tests.formats import write_idx_gz
 
-PARAMS = load_params("params.yaml")
 K = 5
 # One of each kind of network: the paper's two and a torchvision one (squeezenet: its head is
 # built by surgery, and FitInput upsamples and repeats channels inside the graph).
@@ -139,7 +138,7 @@ def inline_bytes(model):
 def test_class_files_share_the_backbone_weights_and_add_d_plus_1_floats(exported):
     _, out, manifest, _ = exported
     backbone = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
-    for c, name in manifest["models"]["classes"].items():
+    for name in manifest["models"]["classes"].values():
         model = onnx.load(str(out / name), load_external_data=False)
         assert external_locations(model) == external_locations(backbone) == {"backbone.weights"}
         assert inline_bytes(model) - inline_bytes(backbone) == 4 * (manifest["feature_dim"] + 1)
@@ -245,17 +244,17 @@ def test_a_manifest_that_is_not_json_is_refused(mlp_copy):
 # ---------- the stage ----------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, params):
     """Tiny prepared Fashion-MNIST-format data and two saved mlp runs, as train leaves them."""
     root = tmp_path_factory.mktemp("stage")
     write_idx_gz(root / "raw" / "FashionMNIST" / "raw", n_train=40, n_test=12)
-    data_cfg = dataclasses.replace(PARAMS.data, name="fashion_mnist", root=str(root / "raw"))
+    data_cfg = dataclasses.replace(params.data, name="fashion_mnist", root=str(root / "raw"))
     meta = prepare(data_cfg, root / "prepared")
     cfg = ModelConfig("mlp", 8, 4)
     for seed in (0, 1):
         torch.manual_seed(seed)
         info = {"run_name": f"bce-s{seed}", "loss": "bce", "seed": seed, "model": dataclasses.asdict(cfg),
-                "train": dataclasses.asdict(PARAMS.train), "dataset": meta["dataset"],
+                "train": dataclasses.asdict(params.train), "dataset": meta["dataset"],
                 "input_shape": meta["input_shape"], "num_classes": 10, "class_names": meta["class_names"],
                 "normalisation": meta["normalisation"]}
         save_trained(build_model(cfg, tuple(meta["input_shape"]), 10), root / "models" / f"bce-s{seed}", info)
@@ -263,17 +262,15 @@ def trained(tmp_path_factory):
     return root
 
 
-def stage_config(**changes):
-    return dataclasses.replace(PARAMS.export, classes=[0], verify_images=4, **changes)
+def stage_config(params, **changes):
+    return dataclasses.replace(params.export, **{"classes": [0], "verify_images": 4, **changes})
 
 
-def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(trained, tmp_path, monkeypatch):
+def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(trained, tmp_path, monkeypatch, params):
     import mlflow
     from mlflow import MlflowClient
 
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["export"].update(classes=[9], verify_images=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(dataclasses.replace(params, export=stage_config(params, classes=[9])), tmp_path / "params.yaml")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = MlflowClient(uri)
@@ -305,19 +302,19 @@ def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(traine
     np.testing.assert_allclose(logged_full.predict({"image": images})["logits"], full, atol=1e-5)
 
 
-def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path):
+def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path, params):
     with pytest.raises(ExportError, match="ce-s0, not trained; available runs: bce-s0, bce-s1"):
-        export_runs(stage_config(runs=["ce-s0"]), trained / "models", trained / "thresholds.json",
+        export_runs(stage_config(params, runs=["ce-s0"]), trained / "models", trained / "thresholds.json",
                     trained / "prepared", tmp_path / "exports")
 
 
-def test_a_run_without_thresholds_asks_for_evaluate(trained, tmp_path):
+def test_a_run_without_thresholds_asks_for_evaluate(trained, tmp_path, params):
     (tmp_path / "thresholds.json").write_text(json.dumps({"bce-s0": {"0.9": [0.0] * 10}}))
     with pytest.raises(ExportError, match=r"no thresholds for bce-s1: run `dvc repro evaluate`"):
-        export_runs(stage_config(), trained / "models", tmp_path / "thresholds.json",
+        export_runs(stage_config(params), trained / "models", tmp_path / "thresholds.json",
                     trained / "prepared", tmp_path / "exports")
     with pytest.raises(ExportError, match=r"not found: run `dvc repro evaluate`"):
-        export_runs(stage_config(), trained / "models", tmp_path / "missing.json",
+        export_runs(stage_config(params), trained / "models", tmp_path / "missing.json",
                     trained / "prepared", tmp_path / "exports")
 
 

@@ -1,7 +1,9 @@
 """The loss grid on real Ray: DDP shards, MLflow structure, outputs, an existing cluster, faults."""
 import dataclasses
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,50 +18,38 @@ import psutil
 import pytest
 import ray
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from slc import grid, losses
-from slc.config import ConfigError, load_params
+from slc.config import ConfigError
 from slc.data import PreparedData
 from slc.models import load_trained
 from slc.preparation import prepare
 from slc.records import TrialRecord, read_trials, write_trials
-
-PARAMS = load_params("params.yaml")
-RAY = PARAMS.ray
+from tests.conftest import write_params
 
 
-def test_workers_share_the_cpus_left_after_the_trial_drivers():
-    two_trials = dataclasses.replace(RAY, num_workers=1, cpus_per_worker=None, max_concurrent_trials=2)
+def test_workers_share_the_cpus_left_after_the_trial_drivers(params):
+    two_trials = dataclasses.replace(params.ray, num_workers=1, cpus_per_worker=None, max_concurrent_trials=2)
     assert grid.worker_resources(two_trials, {"CPU": 2.0}) == {"CPU": 0.99}
-    ddp = dataclasses.replace(RAY, num_workers=2, cpus_per_worker=None, max_concurrent_trials=2)
+    ddp = dataclasses.replace(params.ray, num_workers=2, cpus_per_worker=None, max_concurrent_trials=2)
     assert grid.worker_resources(ddp, {"CPU": 2.0}) == {"CPU": 0.49}
 
 
-def test_trials_that_cannot_fit_the_cluster_fail_before_starting():
-    greedy = dataclasses.replace(RAY, num_workers=2, cpus_per_worker=1.0, max_concurrent_trials=1)
+def test_trials_that_cannot_fit_the_cluster_fail_before_starting(params):
+    greedy = dataclasses.replace(params.ray, num_workers=2, cpus_per_worker=1.0, max_concurrent_trials=1)
     with pytest.raises(ConfigError, match=r"need 2.01 CPUs but the Ray cluster has 2.*lower ray"):
         grid.worker_resources(greedy, {"CPU": 2.0})
     with pytest.raises(ConfigError, match="GPU"):
-        grid.worker_resources(dataclasses.replace(RAY, use_gpu=True), {"CPU": 8.0})
+        grid.worker_resources(dataclasses.replace(params.ray, use_gpu=True), {"CPU": 8.0})
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
+def prepared(tmp_path_factory, params) -> Path:
     """2,000 real Fashion-MNIST images (1,800 train, 200 val)."""
     out = tmp_path_factory.mktemp("fashion") / "prepared"
-    prepare(dataclasses.replace(PARAMS.data, name="fashion_mnist", train_limit=2000), out)
+    prepare(dataclasses.replace(params.data, name="fashion_mnist", train_limit=2000), out)
     return out
-
-
-def tiny_params(tmp_path, losses_=("ce", "bce"), epochs=1, **ray_changes):
-    return dataclasses.replace(
-        PARAMS, model=dataclasses.replace(PARAMS.model, name="mlp", hidden=32),
-        train=dataclasses.replace(PARAMS.train, epochs=epochs, batch_size=64),
-        grid=dataclasses.replace(PARAMS.grid, losses=list(losses_), seeds=[0]),
-        ray=dataclasses.replace(RAY, address=None, num_cpus=2, cpus_per_worker=None, **ray_changes),
-        mlflow=dataclasses.replace(PARAMS.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
 
 
 @pytest.fixture
@@ -76,8 +66,8 @@ def run(params, prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_path, ray_session):
-    params = tiny_params(tmp_path, num_workers=2, max_concurrent_trials=1)
+def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_path, ray_session, tiny_params):
+    params = tiny_params(num_workers=2, max_concurrent_trials=1)
     records = run(params, prepared, tmp_path)
 
     assert read_trials(tmp_path / "results" / "trials.json") == records
@@ -137,11 +127,8 @@ def forget_cluster(port: int) -> None:
 
 
 @pytest.mark.slow
-def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_path):
-    params = tiny_params(tmp_path, losses_=("batch_ce",), num_workers=1, max_concurrent_trials=1)
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw.update({name: dataclasses.asdict(getattr(params, name)) for name in ("model", "train", "grid", "ray", "mlflow")})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_path, tiny_params):
+    write_params(tiny_params(losses=("batch_ce",), num_workers=1, max_concurrent_trials=1), tmp_path / "params.yaml")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["RAY_AUTH_MODE"] = "disabled"  # a throwaway local cluster: no token to hand to the stage
@@ -167,25 +154,27 @@ def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_pa
     assert record["status"] == "finished" and (tmp_path / "models" / "batch_ce-s0" / "model.pt").exists()
 
 
-def kill_train_worker_after_second_epoch(uri: str, killed: list, stop: threading.Event):
-    """Once the driver has logged ce-s0's second epoch (so Ray has surely registered the first
-    epoch's checkpoint), SIGKILL the Train worker processes of this test's Ray."""
-    client = MlflowClient(uri)
-    while not stop.is_set() and not killed:
-        time.sleep(0.05)
-        try:
-            runs = client.search_runs(client.get_experiment_by_name(PARAMS.mlflow.experiment).experiment_id,
-                                      "tags.mlflow.runName = 'ce-s0'")
-        except Exception:  # the experiment is not created yet
-            continue
-        if runs and len(client.get_metric_history(runs[0].info.run_id, "val_accuracy")) >= 2:
-            for worker in psutil.Process().children(recursive=True):
-                try:  # Ray starts and reaps processes all the while: one may be gone by now
-                    if "RayTrainWorker" in " ".join(worker.cmdline() or [worker.name()]):
-                        worker.kill()
-                        killed.append(worker.pid)
-                except psutil.Error:
-                    continue
+class KillTrainWorkersAfterSecondEpoch(logging.Handler):
+    """On the driver's log line for ce-s0's second epoch (or a later one, should no worker be
+    found at first) -- so Ray has surely registered the first epoch's checkpoint -- SIGKILL the
+    Train worker processes of this test's Ray. It runs inside the Tune callback that logs the
+    line, so the kill lands on the event itself, with no polling."""
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.killed: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        epoch = re.match(r"ce-s0 epoch (\d+)/", record.getMessage())
+        if self.killed or not epoch or int(epoch[1]) < 2:
+            return
+        for worker in psutil.Process().children(recursive=True):
+            try:  # Ray starts and reaps processes all the while: one may be gone by now
+                if "RayTrainWorker" in " ".join(worker.cmdline() or [worker.name()]):
+                    worker.kill()
+                    self.killed.append(worker.pid)
+            except psutil.Error:
+                continue
 
 
 EPOCHS = 20  # enough that the kill lands while ce-s0 is still training
@@ -193,7 +182,7 @@ EPOCHS = 20  # enough that the kill lands while ce-s0 is still training
 
 @pytest.mark.slow
 def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(prepared, tmp_path, ray_session,
-                                                                              monkeypatch):
+                                                                              monkeypatch, caplog, tiny_params):
     def nan(logits, targets):
         return logits.sum() * float("nan")
 
@@ -203,17 +192,16 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
 
     monkeypatch.setitem(losses.LOSSES, "nan", nan)
     ray.init(num_cpus=2, runtime_env={"worker_process_setup_hook": register_nan_loss})
-    params = tiny_params(tmp_path, losses_=("ce", "nan"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1,
+    params = tiny_params(losses=("ce", "nan"), epochs=EPOCHS, num_workers=1, max_concurrent_trials=1,
                          max_failures=1)
-    killed, stop = [], threading.Event()
-    killer = threading.Thread(target=kill_train_worker_after_second_epoch,
-                              args=(params.mlflow.tracking_uri, killed, stop), daemon=True)
-    killer.start()
+    caplog.set_level(logging.INFO, logger=grid.log.name)  # the driver's per-epoch lines
+    killer = KillTrainWorkersAfterSecondEpoch()
+    grid.log.addHandler(killer)
     try:
         ce, nan = run(params, prepared, tmp_path)
     finally:
-        stop.set()
-    assert killed, f"no Train worker was found to kill before ce-s0 ended: {ce}"
+        grid.log.removeHandler(killer)
+    assert killer.killed, f"no Train worker was found to kill before ce-s0 ended: {ce}"
     assert ce.status == "finished" and ce.epochs == EPOCHS
     assert 1 <= ce.resumed_from_epoch < EPOCHS, f"the restarted worker did not resume: {ce}"
     assert nan.status == "failed" and "nan" in nan.error and nan.model_dir is None
@@ -230,8 +218,8 @@ def fingerprints(params, data, loss="max_margin", seed=0):
     return grid.trial_fingerprint(loss, seed, sections, data)
 
 
-def test_a_trials_fingerprint_follows_only_what_decides_its_model(prepared, tmp_path):
-    params, data = tiny_params(tmp_path), PreparedData(prepared)
+def test_a_trials_fingerprint_follows_only_what_decides_its_model(prepared, tiny_params):
+    params, data = tiny_params(), PreparedData(prepared)
     base = fingerprints(params, data)
     def changed(section, loss="max_margin", **values):
         return fingerprints(dataclasses.replace(params, **{section: dataclasses.replace(
@@ -244,8 +232,9 @@ def test_a_trials_fingerprint_follows_only_what_decides_its_model(prepared, tmp_
     assert fingerprints(params, data, seed=1) != base
 
 
-def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray(prepared, tmp_path, ray_session):
-    params, data = tiny_params(tmp_path, losses_=("ce", "bce")), PreparedData(prepared)
+def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray(prepared, tmp_path, ray_session,
+                                                                                  tiny_params):
+    params, data = tiny_params(losses=("ce", "bce")), PreparedData(prepared)
     results, models = tmp_path / "results" / "trials.json", tmp_path / "models"
     earlier = []
     for loss in ("ce", "bce", "nce"):
@@ -260,27 +249,40 @@ def test_finished_trials_with_the_same_fingerprint_are_kept_without_starting_ray
     assert sorted(p.name for p in models.iterdir()) == ["bce-s0", "ce-s0"], "a model outside the grid was left"
 
 
+def read_lines(stream, lines: list[str], wanted: re.Pattern, seen: threading.Event) -> None:
+    """Collect a process's output line by line (so its pipe never fills); set `seen` on the first
+    line that `wanted` matches, or at the end of the output, whichever comes first."""
+    for line in stream:
+        lines.append(line)
+        if wanted.match(line):
+            seen.set()
+    seen.set()
+
+
 @pytest.mark.slow
-def test_ctrl_c_during_train_keeps_finished_trials_and_the_rerun_trains_only_the_rest(prepared, tmp_path):
+def test_ctrl_c_during_train_keeps_finished_trials_and_the_rerun_trains_only_the_rest(prepared, tmp_path,
+                                                                                        tiny_params):
     # one trial at a time: Ctrl-C comes as soon as ce-s0 has ended, while bce-s0 starts or trains
-    params = tiny_params(tmp_path, losses_=("ce", "bce"), epochs=4, num_workers=1, max_concurrent_trials=1)
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw.update({name: dataclasses.asdict(getattr(params, name)) for name in ("model", "train", "grid", "ray", "mlflow")})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = tiny_params(losses=("ce", "bce"), epochs=4, num_workers=1, max_concurrent_trials=1)
+    write_params(params, tmp_path / "params.yaml")
     results = tmp_path / "results" / "trials.json"
     command = [sys.executable, "-m", "pipeline.train", "--params", str(tmp_path / "params.yaml"),
                "--data", str(prepared), "--models", str(tmp_path / "models"), "--results", str(results),
                "--ray-results", str(tmp_path / "ray_results")]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     stage = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, ce_ended = [], threading.Event()
+    ce_recorded = re.compile(r"ce-s0: (finished|failed)\b")  # logged once trials.json holds ce-s0's record
+    reader = threading.Thread(target=read_lines, args=(stage.stdout, lines, ce_recorded, ce_ended), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 600
-        while not results.exists() and stage.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # trials.json appears when the first trial (ce-s0) has ended
+        ce_ended.wait(timeout=600)
         stage.send_signal(signal.SIGINT)  # what Ctrl-C sends to `dvc repro` and its stage
-        output, _ = stage.communicate(timeout=300)
+        stage.wait(timeout=300)
+        reader.join(timeout=60)  # the rest of the output, up to the stage's exit
     finally:
         stage.kill()
+    output = "".join(lines)
     assert stage.returncode != 0, output[-3000:]
     assert "train interrupted" in output and "`dvc repro` trains only the others" in output, output[-3000:]
     (first,) = json.loads(results.read_text())

@@ -8,12 +8,13 @@ import torchvision
 
 from slc import data
 from slc import preparation as prepare_module
-from slc.config import ConfigError, load_params
+from slc.config import ConfigError
 from slc.data import DatasetError, PreparedData
 from slc.preparation import prepare
+from tests.conftest import repo_params
 from tests.formats import write_idx_gz, write_image_folder, write_torchvision_dataset
 
-DEFAULT = load_params("params.yaml").data
+DEFAULT = repo_params().data
 
 
 def config(tmp_path, **changes):

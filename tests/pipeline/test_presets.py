@@ -6,12 +6,13 @@ import pytest
 import yaml
 
 from pipeline import presets
+from pipeline.presets import PRESETS, dvc_command, preset_params
 from slc.config import ConfigError
 from slc.data import PreparedData
 from slc.preparation import prepare
-from pipeline.presets import PRESETS, dvc_command, preset_params
 from slc.training import RunConfig, train_one
 from tests.formats import write_torchvision_dataset
+from tests.unit.test_models import HEAVY
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -52,7 +53,14 @@ def test_print_shows_the_command_without_running_it(capsys):
     assert capsys.readouterr().out.startswith("dvc exp run --name svhn_conv6 -S data.name=svhn -S model.name=conv6")
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+def slow_if_heavy(name):
+    """A preset whose network test_models builds only with the slow tests (inception_v3, here at
+    its 299x299 input) trains with them too, so `-m "not slow"` stays fast."""
+    heavy = PRESETS[name].get("model.name") in HEAVY
+    return pytest.param(name, marks=pytest.mark.slow) if heavy else name
+
+
+@pytest.mark.parametrize("name", [slow_if_heavy(name) for name in sorted(PRESETS)])
 def test_a_preset_trains_on_its_datasets_real_file_format(name, tmp_path, monkeypatch):
     """Its dataset in torchvision's (or ImageNet's) real layout, its network at its input size, one
     epoch of its first loss on CPU: everything but the GPU cluster's scale."""

@@ -8,6 +8,7 @@ import pytest
 import torchvision
 
 from slc.errors import run_stage
+from slc.models import load_trained
 
 PARAMS = Path("params.yaml").read_text()
 
@@ -50,3 +51,12 @@ def test_what_a_stage_returns_is_its_exit_status_only_when_it_is_an_int(returned
     with pytest.raises(SystemExit) as exit:
         run_stage(lambda: returned)
     assert exit.value.code == status
+
+
+def test_a_missing_trained_model_is_one_error_line_naming_the_train_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_stage(lambda: load_trained(tmp_path / "ce-s0"))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert err == f"error: {tmp_path / 'ce-s0' / 'config.json'} not found: {tmp_path / 'ce-s0'} is not a trained " \
+                  f"model (run the train stage, `dvc repro train`)\n"

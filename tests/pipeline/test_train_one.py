@@ -9,36 +9,32 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from slc import losses
-from slc.config import ConfigError, load_params
+from slc.config import ConfigError
 from slc.data import PreparedData
 from slc.metrics import slc_metrics
 from slc.models import load_trained, predict_logits, save_trained
 from slc.preparation import prepare
 from slc.training import RunConfig, train_one, trained_info
 
-PARAMS = load_params("params.yaml")
-
-
-def run_config(loss="ce", epochs=2, model=None, **train):
-    return RunConfig(loss, 0, model or PARAMS.model, dataclasses.replace(PARAMS.train, epochs=epochs, **train))
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> PreparedData:
+def tiny(tmp_path_factory, params) -> PreparedData:
     """Seeded synthetic data: 5 classes of 8x8 prototypes plus noise, 180 training images."""
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic = dataclasses.replace(PARAMS.data.synthetic, num_classes=5, train_per_class=40, test_per_class=10,
+    synthetic = dataclasses.replace(params.data.synthetic, num_classes=5, train_per_class=40, test_per_class=10,
                                     image_size=8)
-    prepare(dataclasses.replace(PARAMS.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
+    prepare(dataclasses.replace(params.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
             root / "prepared")
     return PreparedData(root / "prepared")
 
 
-TINY_MLP = dataclasses.replace(PARAMS.model, name="mlp", hidden=16)
-
-
-def tiny_run(loss="ce", epochs=2, **train):
-    return run_config(loss, epochs, TINY_MLP, batch_size=32, **train)
+@pytest.fixture
+def tiny_run(tiny_params):
+    """`tiny_run(loss, epochs, **train)`: a run of a 16-unit mlp on batches of 32."""
+    def run_config(loss="ce", epochs=2, **train) -> RunConfig:
+        shrunk = tiny_params(epochs=epochs, batch_size=32, hidden=16)
+        return RunConfig(loss, 0, shrunk.model, dataclasses.replace(shrunk.train, **train))
+    return run_config
 
 
 def weights(model):
@@ -51,7 +47,7 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
-def test_a_seeded_run_is_reproducible(tiny, tmp_path):
+def test_a_seeded_run_is_reproducible(tiny, tmp_path, tiny_run):
     first = train_one(tiny_run("nce"), tiny, tmp_path / "a", progress=False)
     second = train_one(tiny_run("nce"), tiny, tmp_path / "b", progress=False)
     assert first.status == second.status == "finished"
@@ -59,7 +55,7 @@ def test_a_seeded_run_is_reproducible(tiny, tmp_path):
     assert [r.train_loss for r in first.history] == [r.train_loss for r in second.history]
 
 
-def test_each_epoch_is_reported_with_its_metrics_and_checkpoint(tiny, tmp_path):
+def test_each_epoch_is_reported_with_its_metrics_and_checkpoint(tiny, tmp_path, tiny_run):
     reports = []
     result = train_one(tiny_run(epochs=3), tiny, tmp_path, on_epoch=reports.append, progress=False)
     assert [r.epoch for r in reports] == [1, 2, 3] and reports == result.history
@@ -78,7 +74,7 @@ def crash_after_first_epoch(report):
 
 
 @pytest.mark.parametrize("loss", ["ce", "nce"])
-def test_a_restarted_run_resumes_from_its_last_checkpoint_exactly(tiny, tmp_path, loss):
+def test_a_restarted_run_resumes_from_its_last_checkpoint_exactly(tiny, tmp_path, loss, tiny_run):
     """nce draws noise from the training generator: its state must come back too."""
     uninterrupted = train_one(tiny_run(loss), tiny, tmp_path / "straight", progress=False)
     with pytest.raises(Crash):
@@ -90,7 +86,7 @@ def test_a_restarted_run_resumes_from_its_last_checkpoint_exactly(tiny, tmp_path
     assert_same_weights(weights(resumed.model), weights(uninterrupted.model))
 
 
-def test_a_finished_run_can_be_extended_but_not_resumed_with_other_settings(tiny, tmp_path):
+def test_a_finished_run_can_be_extended_but_not_resumed_with_other_settings(tiny, tmp_path, tiny_run):
     train_one(tiny_run(epochs=1), tiny, tmp_path, progress=False)
     extended = train_one(tiny_run(epochs=2), tiny, tmp_path, progress=False)
     assert [r.epoch for r in extended.history] == [1, 2]
@@ -98,7 +94,7 @@ def test_a_finished_run_can_be_extended_but_not_resumed_with_other_settings(tiny
         train_one(tiny_run(epochs=3, lr=0.1), tiny, tmp_path, progress=False)
 
 
-def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path, monkeypatch):
+def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path, monkeypatch, tiny_run):
     calls = []
 
     def explodes_in_epoch_two(logits, targets):
@@ -113,12 +109,12 @@ def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path
     assert (tmp_path / "epoch-0001" / "checkpoint.pt").exists(), "the last good checkpoint stays"
 
 
-def test_an_unknown_optimizer_lists_the_known_ones(tiny, tmp_path):
+def test_an_unknown_optimizer_lists_the_known_ones(tiny, tmp_path, tiny_run):
     with pytest.raises(ConfigError, match="adam, adamw, sgd"):
         train_one(tiny_run(optimizer="lbfgs"), tiny, tmp_path, progress=False)
 
 
-def test_it_trains_under_distributed_data_parallel(tiny, tmp_path):
+def test_it_trains_under_distributed_data_parallel(tiny, tmp_path, tiny_run):
     """The hooks a Ray Train worker passes: DDP around the model, a DistributedSampler in the loader."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -134,7 +130,7 @@ def test_it_trains_under_distributed_data_parallel(tiny, tmp_path):
     assert result.history[-1].checkpoint_dir is not None
 
 
-def test_the_trained_model_saves_and_loads_with_its_config(tiny, tmp_path):
+def test_the_trained_model_saves_and_loads_with_its_config(tiny, tmp_path, tiny_run):
     config = tiny_run(epochs=1)
     result = train_one(config, tiny, tmp_path / "work", progress=False)
     save_trained(result.model, tmp_path / config.run_name, trained_info(config, tiny))
@@ -145,19 +141,19 @@ def test_the_trained_model_saves_and_loads_with_its_config(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fashion_5000(tmp_path_factory) -> PreparedData:
+def fashion_5000(tmp_path_factory, params) -> PreparedData:
     """5,000 real Fashion-MNIST training images (4,500 train + 500 val) and the full test set."""
     root = tmp_path_factory.mktemp("fashion")
-    prepare(dataclasses.replace(PARAMS.data, name="fashion_mnist", root=str(root / "raw"), train_limit=5000),
+    prepare(dataclasses.replace(params.data, name="fashion_mnist", root=str(root / "raw"), train_limit=5000),
             root / "prepared")
     return PreparedData(root / "prepared")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "batch_ce"])
-def test_the_paper_mlp_learns_fashion_mnist_from_5000_images_in_two_epochs(fashion_5000, tmp_path, loss):
-    result = train_one(run_config(loss, epochs=2, model=dataclasses.replace(PARAMS.model, name="mlp")),
-                       fashion_5000, tmp_path, progress=False)
+def test_the_paper_mlp_learns_fashion_mnist_from_5000_images_in_two_epochs(fashion_5000, tmp_path, loss, params):
+    run = RunConfig(loss, 0, dataclasses.replace(params.model, name="mlp"), dataclasses.replace(params.train, epochs=2))
+    result = train_one(run, fashion_5000, tmp_path, progress=False)
     test = fashion_5000.split("test")
     metrics = slc_metrics(predict_logits(result.model, test), test.labels)
     assert result.status == "finished"

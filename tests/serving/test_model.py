@@ -148,6 +148,11 @@ def test_an_unavailable_provider_is_refused_listing_the_available_ones():
         choose_providers(["NoSuchExecutionProvider"])
 
 
+def test_an_empty_provider_list_is_refused_rather_than_left_to_onnxruntimes_default():
+    with pytest.raises(ValueError, match="no onnxruntime provider named; available: .*CPU"):
+        choose_providers([])
+
+
 def test_serving_imports_neither_torch_nor_pipeline():
     code = ("import sys, serving.model, serving.images, serving.http, serving.cli, serving.loadtest, serving.ray_app; "
             "print(sorted(m for m in ('torch', 'pipeline') if m in sys.modules))")

@@ -30,7 +30,8 @@ def test_ray_serve_answers_like_the_library(export_dir, pixels):
     ray = pytest.importorskip("ray")
     from ray import serve
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a fresh cluster, never one already running here
+    # a fresh cluster, never one already running here
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(BuildArgs.model_validate({"export_dir": str(export_dir), "replicas": "1"})),

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import yaml
@@ -31,6 +32,14 @@ def test_config_is_frozen():
     params = load_params("params.yaml")
     with pytest.raises(AttributeError):
         params.train.lr = 1.0
+
+
+def test_replace_checks_the_new_values_too():
+    train = load_params("params.yaml").train
+    with pytest.raises(ConfigError, match=r"^train\.epochs = 0 is invalid: expected a positive integer$"):
+        dataclasses.replace(train, epochs=0)
+    with pytest.raises(ConfigError, match=r"^TrainConfig\.epochs = 'five' has the wrong type: expected int$"):
+        dataclasses.replace(train, epochs="five")
 
 
 def test_unknown_key_is_named_with_its_path():

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from slc.config import ConfigError, load_params
+from slc.config import ConfigError
 from slc.losses import LOSSES, POLS_ALIGNED, make_loss
+from tests.conftest import repo_params
 
-CFG = dataclasses.replace(load_params("params.yaml").train, margin=1.0, self_norm_alpha=0.1,
+CFG = dataclasses.replace(repo_params().train, margin=1.0, self_norm_alpha=0.1,
                           nce_noise_samples=7, nce_noise="uniform")
 NON_ALIGNED = set(LOSSES) - POLS_ALIGNED
 

@@ -3,8 +3,7 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from slc import metrics
-from slc.metrics import (logit_histograms, pols_summary, pr_curve_mean, precision_recall_at,
-                              recall_key, slc_metrics)
+from slc.metrics import logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
 
 RECALLS = (0.5, 0.9, 0.99)
 

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from slc.config import ConfigError, load_params
+from slc.config import ConfigError
 from slc.models import MODELS, SLCNet, build_model, load_trained, save_trained
+from tests.conftest import repo_params
 
-CFG = dataclasses.replace(load_params("params.yaml").model, hidden=32, channels=8)
+CFG = dataclasses.replace(repo_params().model, hidden=32, channels=8)
 K = 7
 GREY_28 = (1, 28, 28)  # Fashion-MNIST: grey and smaller than most ImageNet networks accept
 

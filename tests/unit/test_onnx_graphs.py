@@ -5,8 +5,17 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from slc.onnx_graphs import ALIGN, HEADS, SyntheticRows, WeightsFile, build_head_graph, class_row, \
-    save_checked, write_single_logit
+from slc.onnx_graphs import (
+    ALIGN,
+    HEADS,
+    SyntheticRows,
+    WeightsFile,
+    build_head_graph,
+    class_row,
+    externalize,
+    save_checked,
+    write_single_logit,
+)
 
 K, D = 7, 5
 
@@ -37,6 +46,30 @@ def test_tensors_written_in_chunks_read_back_exactly_at_aligned_offsets(tmp_path
         onnx.external_data_helper.load_external_data_for_tensor(tensor, str(tmp_path))
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), array)
 
+
+
+def test_externalize_moves_big_initializers_to_aligned_offsets_and_keeps_small_ones_inline(tmp_path):
+    rng = np.random.default_rng(2)
+    big = {name: rng.random(n, dtype=np.float32) for name, n in (("a", 300), ("b", 1000), ("c", 5000))}
+    small = np.array([1, 2], np.int64)  # e.g. a Reshape's shape, which shape inference must read inline
+    nodes = [onnx.helper.make_node("Cast", ["small"], ["small_f"], to=onnx.TensorProto.FLOAT),
+             onnx.helper.make_node("ReduceSum", ["a"], ["sa"], keepdims=0),
+             onnx.helper.make_node("ReduceSum", ["b"], ["sb"], keepdims=0),
+             onnx.helper.make_node("ReduceSum", ["c"], ["sc"], keepdims=0),
+             onnx.helper.make_node("ReduceSum", ["small_f"], ["ss"], keepdims=0),
+             onnx.helper.make_node("Sum", ["sa", "sb", "sc", "ss"], ["total"])]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [], [onnx.helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(array, name) for name, array in {**big, "small": small}.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    with WeightsFile(tmp_path / "backbone.weights") as weights:
+        externalize(model, weights)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer}
+    assert sorted(name for name, entries in where.items() if entries) == ["a", "b", "c"]  # 1200 bytes and up
+    assert all(int(where[name]["offset"]) % ALIGN == 0 for name in big)
+    (total,) = session(save_checked(model, tmp_path / "m.onnx")).run(None, {})
+    assert total == pytest.approx(sum(float(a.sum()) for a in big.values()) + 3, rel=1e-5)
 
 def test_synthetic_rows_are_the_same_however_they_are_sliced():
     rows = SyntheticRows(k=2500, d=3, seed=4, block=1000)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pipeline.serve import best_run
+from pipeline.serve import NothingToServeError, best_run, main
+from slc.errors import run_stage
 
 
 def write_metrics(tmp_path, runs):
@@ -20,7 +21,15 @@ def test_best_run_is_the_exported_one_with_lowest_error(tmp_path):
 
 
 def test_nothing_to_serve_says_which_stage_to_run(tmp_path):
-    with pytest.raises(SystemExit, match="dvc repro"):
+    with pytest.raises(NothingToServeError, match="absent.json not found.*dvc repro"):
         best_run(tmp_path / "absent.json", tmp_path / "exports")
-    with pytest.raises(SystemExit, match="dvc repro export"):
+    with pytest.raises(NothingToServeError, match="no exported run .*dvc repro export"):
         best_run(write_metrics(tmp_path, {"ce-s0": 0.2}), tmp_path / "exports")
+
+
+def test_make_serve_before_the_pipeline_ran_is_one_error_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_stage(lambda: main(["--metrics", str(tmp_path / "absent.json"), "--exports", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "dvc repro" in err

@@ -75,7 +75,7 @@ def test_metrics_are_logged_per_step_and_a_finished_run_stays_finished(uri):
     tracking.log_metrics(uri, run, {"val_accuracy": 0.5}, step=1)
     tracking.log_metrics(uri, run, {"val_accuracy": 0.7}, step=2)
     tracking.end_run(uri, run, "FINISHED")
-    with tracking.trial_run(run, uri):
+    with tracking.resumed_run(run, uri):
         mlflow.log_metric("test_accuracy", 0.6)
     client = MlflowClient(uri)
     history = client.get_metric_history(run, "val_accuracy")

@@ -1,0 +1,51 @@
+"""The settings tests run on: the repository's params.yaml, read once, and the shrunken copy that
+the pipeline tests train with (the real pipeline on a scale two CPU cores finish in seconds)."""
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slc.config import Params, load_params
+
+PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+@functools.cache
+def repo_params() -> Params:
+    """params.yaml as the stages read it; for module-level constants, where no fixture reaches."""
+    return load_params(PARAMS_YAML)
+
+
+def shrunken(params: Params, mlflow_dir: Path, losses=("ce", "bce"), epochs=1, batch_size=64, hidden=32,
+             **ray_changes) -> Params:
+    """`params` at test scale: an mlp of `hidden` units, `epochs` epochs of `batch_size` images,
+    seed 0 of each of `losses`, a new local Ray of 2 CPUs (`ray_changes` on top), and MLflow in
+    `mlflow_dir`/mlflow.db under the experiment "slc-test"."""
+    return dataclasses.replace(
+        params, model=dataclasses.replace(params.model, name="mlp", hidden=hidden),
+        train=dataclasses.replace(params.train, epochs=epochs, batch_size=batch_size),
+        grid=dataclasses.replace(params.grid, losses=list(losses), seeds=[0]),
+        ray=dataclasses.replace(params.ray, address=None, num_cpus=2, cpus_per_worker=None, **ray_changes),
+        mlflow=dataclasses.replace(params.mlflow, experiment="slc-test",
+                                   tracking_uri=f"sqlite:///{mlflow_dir}/mlflow.db"))
+
+
+def write_params(params: Params, path: Path) -> Path:
+    """`params` as a params.yaml file, for a stage run by its command line."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    """The repository's params.yaml."""
+    return repo_params()
+
+
+@pytest.fixture
+def tiny_params(params, tmp_path):
+    """`tiny_params(losses=..., epochs=..., **ray_changes)`: the shrunken params (see `shrunken`),
+    with MLflow in this test's tmp_path."""
+    return functools.partial(shrunken, params, tmp_path)

@@ -1,0 +1,36 @@
+"""Table 1's layout, on the committed figures of an earlier run (metrics/slc.json)."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from slc.losses import POLS_ALIGNED
+from slc.table1_report import error_names, errors_markdown, table1_markdown
+
+SLC = json.loads((Path(__file__).resolve().parents[2] / "metrics/slc.json").read_text())
+SETTINGS = {"dataset": "fashion_mnist", "evaluated_on": "data/prepared (fashion_mnist)", "model": "mlp",
+            "epochs": 5, "seeds": [0, 1, 2], "recalls": [0.9, 0.99], "test_size": 10000}
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    """Table rows by their first cell."""
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
+    return {row[0]: row[1:] for row in cells}
+
+
+def test_each_loss_has_its_mean_and_spread_and_the_summary_is_bold_beside_the_paper():
+    table = rows(table1_markdown(SLC, SETTINGS, [], POLS_ALIGNED))
+    assert table["ce"] == ["no", "0.109 ± 0.003", "0.242 ± 0.011", "0.470 ± 0.013", ""]
+    assert table["bce"][0] == "yes"
+    assert table["**relative improvement**"] == ["", "22.1%", "22.7%", "14.4%", "80.0% / 90.9% / 88.4%"]
+    assert table["bce-s2"] == ["0.99", "0.644", "0.984", "0.966"]  # thresholds table: last seed, last recall
+
+
+def test_failed_trials_are_listed_with_the_last_line_of_their_error():
+    failed = [SimpleNamespace(run_name="nce-s0", error="Traceback\nNonFiniteLoss: loss became nan | at step 3")]
+    table = rows(table1_markdown(SLC, SETTINGS, failed, POLS_ALIGNED))
+    assert table["nce-s0"] == ["NonFiniteLoss: loss became nan / at step 3"]
+
+
+def test_without_a_pols_summary_the_table_says_why():
+    text = errors_markdown({**SLC, "summary": {}}, error_names([0.9, 0.99]), POLS_ALIGNED, None)
+    assert "No PoLS summary" in text and "**mean PoLS**" not in text
