@@ -51,9 +51,9 @@ lock:
 		--python-version 3.11 --python-platform x86_64-manylinux_2_36 --quiet -o $(LOCK)
 
 # The default dataset: Debian's package when we may install it; otherwise torchvision downloads
-# Fashion-MNIST into data/raw during `prepare`.
+# Fashion-MNIST into data/raw during `prepare` (tested by a file: a failed download leaves the folder).
 data:
-	@if [ ! -d $(FASHION_MNIST) ] && [ ! -d data/raw/FashionMNIST ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@if [ ! -d $(FASHION_MNIST) ] && [ ! -f data/raw/FashionMNIST/raw/t10k-labels-idx1-ubyte ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian's dataset-fashion-mnist"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
 	fi
