@@ -43,10 +43,16 @@ def read_manifest(export_dir: str | Path) -> dict:
         raise ExportError(f"{path} is not valid JSON ({error}); {REEXPORT}") from None
     except OSError as error:
         raise ExportError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
-    check_schema(manifest, path)
-    check_consistency(manifest, path)
+    check_manifest(manifest, path)
     check_files(export_dir, manifest["files"])
     return manifest
+
+
+def check_manifest(manifest, path: Path) -> None:
+    """The schema and the facts a server relies on, without reading the files (which an exporter
+    has just hashed itself)."""
+    check_schema(manifest, path)
+    check_consistency(manifest, path)
 
 
 def check_schema(manifest, path: Path) -> None:

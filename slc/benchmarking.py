@@ -194,7 +194,7 @@ def run_benchmark(params: Params, exports: Path, workdir: Path) -> dict:
     bandwidth = timing.memory_bandwidth(cfg.threads, cfg.bandwidth_mib, cfg.repeats)
     # serving's machine_info is torch-free: torch and the GPU are this side's addition
     machine = {**machine_info(), "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name(0) if timing.gpu_available() else None}
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     results = {"machine": machine, "settings": {**dataclasses.asdict(cfg), "session": settings},
                "bandwidth": bandwidth, "architectures": {}}
     with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k", disable=None) as progress:

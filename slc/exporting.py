@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.errors import ExportError
-from serving.manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from serving.manifest import FORMAT_VERSION, MANIFEST, check_manifest
 from slc import tracking
 from slc.config import ExportConfig
 from slc.data import PreparedData, renormalisation
@@ -192,8 +192,9 @@ def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[s
         diffs = verify_export(model, tmp, manifest["models"], images.float(), atol)
         manifest["files"] = file_table(tmp)
         manifest["max_abs_diff"] = diffs
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        read_manifest(tmp)  # the reader serving uses: an export it would refuse never lands
+        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+        check_manifest(json.loads(text), tmp / MANIFEST)  # serving's rules: an export it would refuse never lands
+        (tmp / MANIFEST).write_text(text)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

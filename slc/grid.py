@@ -5,164 +5,35 @@ Three kinds of process, each with one job:
   runs, logs each reported epoch, and when a trial ends writes `models/<run_name>/` from the
   trial's last checkpoint and rewrites `results/trials.json`, so nothing else touches the
   tracking store or the outputs, and a finished trial's results survive any later failure;
-- a Tune trial (`_run_trial`, 0.01 CPU) builds and fits one `TorchTrainer`; a failed run becomes
-  a "failed" record instead of an exception, so the other trials go on;
-- the Train workers (`_train_worker`, data parallel) run the plain `train_one`, sharded by a
-  `DistributedSampler`, reporting each epoch with its checkpoint so a restarted worker group
-  resumes from the last epoch (`ray.max_failures`).
+- a Tune trial and its Train workers (`slc.ray_trial`) train and report; a failed run becomes a
+  "failed" record instead of an exception, so the other trials go on.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import shutil
-import tempfile
 import time
-import traceback
+from functools import cache
 from pathlib import Path
 
-import ray
 import torch
-import torch.distributed as dist
 from ray import tune
-from torch.utils.data import DataLoader, DistributedSampler
 
 from slc import tracking
 from slc.closure import ROOT, import_closure
-from slc.config import ConfigError, ModelConfig, Params, RayConfig, TrainConfig, from_dict
+from slc.config import ConfigError, ModelConfig, Params, TrainConfig, from_dict
 from slc.data import PreparedData
 from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from slc.models import build_model, save_trained
+from slc.ray_trial import DRIVER_CPUS, EPOCH_METRICS, connect, one_line, run_trial, worker_resources
 from slc.records import RecordError, TrialRecord, read_trials, write_trials
-from slc.training import CHECKPOINT_FILE, EpochReport, RunConfig, train_one, trained_info
+from slc.training import CHECKPOINT_FILE, RunConfig, trained_info
 
 log = logging.getLogger(__name__)
-
-DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
-EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
-# Ray Train's worker logging setup puts the root logger at INFO, so its "Reporting training result ..."
-# line (logged under a file path, not `ray.train`, which LoggingConfig filters) fills the log every
-# epoch; without that setup it is dropped (as are the ray-train-*-worker-*.log files in Ray's session dir)
-QUIET_TRAIN_WORKERS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
-
-
-def connect(cfg: RayConfig) -> dict[str, float]:
-    """Join Ray and return the cluster's resources: the session this process already has, else
-    the cluster at `RAY_ADDRESS` / `ray.address`, else a new local one with `ray.num_cpus` CPUs."""
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or cfg.address
-        if address:
-            ray.init(address=address)
-        else:
-            # "local": a new instance even when a stale `ray start` left its address behind
-            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count())
-    return ray.cluster_resources()
-
-
-def worker_resources(cfg: RayConfig, cluster: dict[str, float]) -> dict[str, float]:
-    """Each Train worker's resources, so that `max_concurrent_trials` trials fit the cluster.
-
-    A trial holds DRIVER_CPUS plus its workers; if the concurrent trials ask for more than the
-    cluster has, Ray would wait forever ("worker group startup timed out"), so that is refused here.
-    """
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    concurrent_workers = cfg.max_concurrent_trials * cfg.num_workers
-    per_worker = cfg.cpus_per_worker
-    if per_worker is None:
-        per_worker = math.floor((cpus - cfg.max_concurrent_trials * DRIVER_CPUS) / concurrent_workers * 100) / 100
-    needed = cfg.max_concurrent_trials * DRIVER_CPUS + concurrent_workers * per_worker
-    if per_worker <= 0 or needed > cpus + 1e-9:
-        raise ConfigError(
-            f"ray: {cfg.max_concurrent_trials} concurrent trials x {cfg.num_workers} workers x "
-            f"{per_worker} CPUs (+ {DRIVER_CPUS} per trial) need {needed:.2f} CPUs but the Ray cluster "
-            f"has {cpus:g}: lower ray.max_concurrent_trials, ray.num_workers or ray.cpus_per_worker "
-            f"(null shares the CPUs out)")
-    if cfg.use_gpu and concurrent_workers > gpus:
-        raise ConfigError(f"ray.use_gpu: {concurrent_workers} concurrent workers need one GPU each but the "
-                          f"Ray cluster has {gpus:g}: lower ray.max_concurrent_trials or ray.num_workers, "
-                          f"or set ray.use_gpu: false")
-    return {"CPU": per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
-
-
-def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
-    """This rank's disjoint share of the training set. Each rank keeps `train.batch_size`, since
-    the batch losses (batch_ce, batch_max_margin) are defined over the batch one process sees."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return loader
-    sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed, drop_last=True)
-    samplers.append(sampler)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
-
-
-def _train_worker(config: dict) -> dict | None:
-    """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any."""
-    from ray.train import Checkpoint, get_checkpoint, report
-    from ray.train.torch import get_device, prepare_model
-
-    run = RunConfig(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
-                    from_dict(TrainConfig, config["train"], "train"))
-    data, checkpoint, samplers, trained = PreparedData(config["data"]), get_checkpoint(), [], []
-
-    def on_epoch(epoch: EpochReport) -> None:
-        trained.append(epoch.epoch)
-        saved = Checkpoint.from_directory(epoch.checkpoint_dir) if epoch.checkpoint_dir else None
-        report({"epoch": epoch.epoch, **{key: getattr(epoch, key) for key in EPOCH_METRICS}}, checkpoint=saved)
-
-    with tempfile.TemporaryDirectory() as workdir, \
-            (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume:
-        result = train_one(run, data, workdir, on_epoch=on_epoch,
-                           wrap_model=prepare_model, wrap_loader=lambda loader: _shard(loader, run.seed, samplers),
-                           resume_from=resume, device=get_device(), progress=False)
-    shard = sorted(samplers[0]) if samplers else list(range(len(data.split("train"))))
-    shards, speeds = [shard], [result.samples_per_s]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shards, speeds = [None] * dist.get_world_size(), [None] * dist.get_world_size()
-        dist.all_gather_object(shards, shard)
-        dist.all_gather_object(speeds, result.samples_per_s)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    last = result.history[-1] if result.history else None
-    return {"status": result.status, "error": result.error, "epochs": result.epochs_completed,
-            **{key: getattr(last, key) if last else None for key in EPOCH_METRICS},
-            "samples_per_s": _finite(sum(speeds)), "resumed_from_epoch": result.epochs_completed - len(trained),
-            "world_size": len(shards), "shard_sizes": [len(s) for s in shards],
-            "distinct_samples": len(set().union(*map(set, shards)))}
-
-
-def _run_trial(config: dict) -> dict:
-    """A Tune trial: fit one TorchTrainer; any failure is returned as a failed record."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
-    from ray.train import RunConfig as TrainRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial, ray_cfg = config["trial"], from_dict(RayConfig, config["ray"], "ray")
-    started = time.perf_counter()
-    trainer = TorchTrainer(
-        _train_worker, train_loop_config={**trial, **{k: config[k] for k in ("model", "train", "data")}},
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker=config["worker_resources"]),
-        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
-        run_config=TrainRunConfig(name=trial["run_name"], storage_path=config["storage"],
-                                  failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
-                                  callbacks=[TuneReportCallback()],
-                                  # the driver logs each epoch; Ray's per-report lines would bury it
-                                  logging_config=LoggingConfig(log_level="WARNING"),
-                                  worker_runtime_env={"env_vars": QUIET_TRAIN_WORKERS}))
-    try:
-        result = trainer.fit()
-        summary, checkpoint = result.return_value, result.checkpoint
-    except TrainingFailedError as error:
-        summary, checkpoint = {"status": "failed", "error": _one_line(error)}, None
-    return {**summary, "wall_time_s": time.perf_counter() - started,
-            "checkpoint_path": checkpoint.path if checkpoint else None}
 
 
 class _Recorder(tune.Callback):
@@ -189,12 +60,10 @@ class _Recorder(tune.Callback):
 
     def _record(self, config: dict, outcome: dict) -> None:
         spec = config["trial"]
-        fields = {key: outcome.get(key) for key in ("wall_time_s", "samples_per_s", *EPOCH_METRICS, "error",
-                                                    "resumed_from_epoch", "world_size", "shard_sizes",
-                                                    "distinct_samples")}
-        record = TrialRecord(run_name=spec["run_name"], loss=spec["loss"], seed=spec["seed"],
-                             status=outcome.get("status", "failed"), mlflow_run_id=spec["mlflow_run_id"],
-                             fingerprint=spec["fingerprint"], epochs=outcome.get("epochs") or 0, **fields)
+        measured = {key: value for key, value in outcome.items() if key in TrialRecord.model_fields}
+        record = TrialRecord(**{"status": "failed", **measured, "run_name": spec["run_name"], "loss": spec["loss"],
+                                "seed": spec["seed"], "mlflow_run_id": spec["mlflow_run_id"],
+                                "fingerprint": spec["fingerprint"]})
         if record.finished:
             try:
                 record = record.model_copy(update={"model_dir": str(self._save_model(config,
@@ -202,7 +71,7 @@ class _Recorder(tune.Callback):
             except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
                 log.exception("%s: saving the model failed", spec["run_name"])
                 record = record.model_copy(update={"status": "failed",
-                                                   "error": f"saving the model failed: {_one_line(error)}"})
+                                                   "error": f"saving the model failed: {one_line(error)}"})
         tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record.finished else "FAILED")
         self.records[spec["run_name"]] = record
         write_trials(self.results, [self.records[n] for n in self.order if n in self.records])
@@ -233,28 +102,23 @@ def _trial_name(trial) -> str:
     return trial.config["trial"]["run_name"]
 
 
-def _one_line(error: BaseException) -> str:
-    return traceback.format_exception_only(error)[-1].strip()
-
-
-def _finite(value: float) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-
-
 def trial_fingerprint(loss: str, seed: int, sections: dict, data: PreparedData) -> str:
     """What decides a trial's model: its loss and seed, the model and the train settings its loss
     reads (not the other losses' hyper-parameters), the DDP layout, the prepared data and the
     training code (every project file this module imports, see slc.closure). An unchanged
     fingerprint lets a re-run keep the trial instead of retraining it."""
     unread = LOSS_TRAIN_KEYS - train_keys_of(loss)
-    code = {path.as_posix(): hashlib.md5((ROOT / path).read_bytes()).hexdigest() for path in import_closure(__name__)}
     return tracking.params_hash({
         "loss": loss, "seed": seed, "model": sections["model"],
         "train": {key: value for key, value in sections["train"].items() if key not in unread},
         "ray": {key: sections["ray"][key] for key in ("num_workers", "use_gpu")},
-        "data": data.meta, "code": code})
+        "data": data.meta, "code": _code_hashes()})
+
+
+@cache
+def _code_hashes() -> dict[str, str]:
+    """md5 of every project file the training runs (this module's import closure), once per process."""
+    return {path.as_posix(): hashlib.md5((ROOT / path).read_bytes()).hexdigest() for path in import_closure(__name__)}
 
 
 def _kept_trials(results: Path, models_dir: Path, fingerprints: dict[str, str]) -> dict[str, TrialRecord]:
@@ -327,7 +191,7 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
         trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id,
                        "fingerprint": fingerprint})
     tuner = tune.Tuner(
-        tune.with_resources(_run_trial, {"CPU": DRIVER_CPUS}),
+        tune.with_resources(run_trial, {"CPU": DRIVER_CPUS}),
         param_space={"trial": tune.grid_search(trials), "model": sections["model"], "train": sections["train"],
                      "ray": sections["ray"], "data": str(Path(data_root).resolve()),
                      "storage": str(storage / grid_name / "train"), "worker_resources": resources},

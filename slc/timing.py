@@ -20,16 +20,6 @@ PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def gpu_available() -> bool:
-    """A GPU that torch can use (to name it in the results); which onnxruntime providers run is
-    `serving.model.choose_providers`' decision, made without torch."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def session_settings(threads: int, prepacking: bool, providers: list[str]) -> dict:
     """The options every benchmark session is created with, as recorded in the results."""
     return {"providers": providers, "intra_op_threads": threads, "inter_op_threads": 1,

@@ -20,7 +20,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from slc import grid, losses
+from slc import grid, losses, ray_trial
 from slc.config import ConfigError
 from slc.data import PreparedData
 from slc.models import load_trained
@@ -31,17 +31,17 @@ from tests.conftest import write_params
 
 def test_workers_share_the_cpus_left_after_the_trial_drivers(params):
     two_trials = dataclasses.replace(params.ray, num_workers=1, cpus_per_worker=None, max_concurrent_trials=2)
-    assert grid.worker_resources(two_trials, {"CPU": 2.0}) == {"CPU": 0.99}
+    assert ray_trial.worker_resources(two_trials, {"CPU": 2.0}) == {"CPU": 0.99}
     ddp = dataclasses.replace(params.ray, num_workers=2, cpus_per_worker=None, max_concurrent_trials=2)
-    assert grid.worker_resources(ddp, {"CPU": 2.0}) == {"CPU": 0.49}
+    assert ray_trial.worker_resources(ddp, {"CPU": 2.0}) == {"CPU": 0.49}
 
 
 def test_trials_that_cannot_fit_the_cluster_fail_before_starting(params):
     greedy = dataclasses.replace(params.ray, num_workers=2, cpus_per_worker=1.0, max_concurrent_trials=1)
     with pytest.raises(ConfigError, match=r"need 2.01 CPUs but the Ray cluster has 2.*lower ray"):
-        grid.worker_resources(greedy, {"CPU": 2.0})
+        ray_trial.worker_resources(greedy, {"CPU": 2.0})
     with pytest.raises(ConfigError, match="GPU"):
-        grid.worker_resources(dataclasses.replace(params.ray, use_gpu=True), {"CPU": 8.0})
+        ray_trial.worker_resources(dataclasses.replace(params.ray, use_gpu=True), {"CPU": 8.0})
 
 
 @pytest.fixture(scope="module")
