@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> None:
         log_to_mlflow(tracking.tracking_uri(params.mlflow), read_trials(Path(args.trials)), Path(args.out),
                       manifests, PreparedData(args.data))
     for run, manifest in manifests.items():
-        worst = max(manifest["max_abs_diff"].values())
-        size = sum(entry["bytes"] for entry in manifest["files"].values())
-        print(f"{run}: {len(manifest['files'])} files, {size / 2**20:.1f} MiB, max |ORT - PyTorch| = {worst:.2e}")
+        worst = max(manifest.max_abs_diff.values())
+        size = sum(entry["bytes"] for entry in manifest.files.values())
+        print(f"{run}: {len(manifest.files)} files, {size / 2**20:.1f} MiB, max |ORT - PyTorch| = {worst:.2e}")
 
 
 if __name__ == "__main__":

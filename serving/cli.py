@@ -136,7 +136,7 @@ def run_info(args) -> int:
         f"classes      {description['num_classes']}: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}",
         f"thresholds   recall {', '.join(f'{r:g}' for r in description['recalls']) or 'none'}",
         f"graph        {description['graph_file']} (opset {description['opset']}) on {', '.join(description['providers'])}",
-        f"verified     {len(model.manifest['files'])} files match their sha256; max |ORT - PyTorch| at export {worst:.2e}",
+        f"verified     {len(model.manifest.files)} files match their sha256; max |ORT - PyTorch| at export {worst:.2e}",
     ]))
     return 0
 

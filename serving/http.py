@@ -49,7 +49,7 @@ def create_app(model: SingleLogitModel, request_threads: int | None = None) -> F
     decoded and scored at once; the others wait their turn without holding a thread."""
     app = FastAPI(
         title="Single logit classification",
-        summary=f"Is this image of class c? Run {model.run_name} ({model.manifest['dataset']}, "
+        summary=f"Is this image of class c? Run {model.run_name} ({model.manifest.dataset}, "
                 f"{model.num_classes} classes), computing only the logit of c.",
         version="1",
     )

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(f"{column}={rows[-1][column]}" for column in COLUMNS), file=sys.stderr)
     figures = {"settings": {"export_dir": str(args.export_dir), "server_args": args.server_args,
                             "requests": args.requests, "duration": args.duration, "warmup": args.warmup},
-               "model": {"run_name": model.run_name, "dataset": model.manifest["dataset"],
+               "model": {"run_name": model.run_name, "dataset": model.manifest.dataset,
                          "num_classes": model.num_classes, "input_shape": list(model.input_shape),
                          "providers": list(model.providers)},
                "machine": {**machine_info(), "httpx": httpx.__version__},  # after the load: its load average

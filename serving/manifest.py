@@ -1,4 +1,5 @@
-"""Read an export's manifest.json and refuse an export that is incomplete or has been changed.
+"""An export's manifest.json as a typed record, and the checks that refuse an export that is
+incomplete or has been changed: the one owner of the export format, for the exporter and servers.
 
 A server must not answer with a model other than the one that was evaluated: every file listed
 in the manifest is checked against its size and sha256 before any of it is loaded, and the
@@ -6,9 +7,12 @@ manifest's own facts (class names, shapes, thresholds) are checked against each 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from serving.errors import ExportError
@@ -17,18 +21,40 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REEXPORT = "re-create the export (`dvc repro export` or `python -m pipeline.export`)"
 
-# The manifest's top-level keys and their JSON types (the contract in design.md).
-SCHEMA: dict[str, type] = {
-    "format_version": int, "run_name": str, "loss": str, "dataset": str,
-    "class_names": list, "num_classes": int, "feature_dim": int,
-    "input": dict, "normalisation": dict, "opset": int, "thresholds": dict,
-    "class_id_range": list, "models": dict, "files": dict, "max_abs_diff": dict,
-}
 # The graphs serving can run; the others (backbone, classes) are checked but not loaded.
 REQUIRED_MODELS = ("full", "single_logit")
 
 
-def read_manifest(export_dir: str | Path) -> dict:
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json: written by the export stage (`to_json`), read through `parse_manifest`, which
+    checks every field before one is built, so a Manifest in hand is one a server can trust."""
+    format_version: int
+    run_name: str
+    loss: str
+    dataset: str
+    class_names: list[str]
+    num_classes: int
+    feature_dim: int
+    input: dict                       # name "image", shape [C, H, W], dtype "float32"
+    normalisation: dict               # per-channel mean and std, and pixel_scale
+    opset: int
+    thresholds: dict[str, list]       # recall key ("0.99") -> one threshold per class, null where none
+    class_id_range: list[int]
+    models: dict                      # full, backbone, single_logit -> file; classes -> {class id: file}
+    files: dict[str, dict]            # every file but the manifest -> {sha256, bytes}
+    max_abs_diff: dict[str, float]    # each model file -> its largest |onnxruntime - PyTorch| at export
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n"
+
+
+# Each field's JSON type, from the record itself (list[str] -> list).
+SCHEMA: dict[str, type] = {name: typing.get_origin(hint) or hint
+                           for name, hint in typing.get_type_hints(Manifest).items()}
+
+
+def read_manifest(export_dir: str | Path) -> Manifest:
     """The manifest of `export_dir`, after checking its schema, its consistency and every file's hash."""
     export_dir = Path(export_dir)
     path = export_dir / MANIFEST
@@ -36,23 +62,24 @@ def read_manifest(export_dir: str | Path) -> dict:
         raise ExportError(f"export directory {export_dir} does not exist: pass a directory such as "
                           f"exports/<run_name>, or {REEXPORT}")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ExportError(f"{path} not found: {export_dir} is not an export; {REEXPORT}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{path} is not valid JSON ({error}); {REEXPORT}") from None
     except OSError as error:
         raise ExportError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
-    check_manifest(manifest, path)
-    check_files(export_dir, manifest["files"])
+    manifest = parse_manifest(raw, path)
+    check_files(export_dir, manifest.files)
     return manifest
 
 
-def check_manifest(manifest, path: Path) -> None:
-    """The schema and the facts a server relies on, without reading the files (which an exporter
-    has just hashed itself)."""
-    check_schema(manifest, path)
-    check_consistency(manifest, path)
+def parse_manifest(raw, path: Path) -> Manifest:
+    """The record from manifest.json's parsed JSON, after its schema and the facts a server relies
+    on are checked; the files are not read (an exporter has just hashed them itself)."""
+    check_schema(raw, path)
+    check_consistency(raw, path)
+    return Manifest(**raw)
 
 
 def check_schema(manifest, path: Path) -> None:
@@ -66,6 +93,10 @@ def check_schema(manifest, path: Path) -> None:
     if manifest["format_version"] != FORMAT_VERSION:
         raise ExportError(f"{path} has format_version {manifest['format_version']}, this server reads "
                           f"version {FORMAT_VERSION}; upgrade the serving package or {REEXPORT}")
+    unknown = sorted(set(manifest) - set(SCHEMA))
+    if unknown:
+        raise ExportError(f"{path} has the unknown key {unknown[0]!r} (a manifest of version {FORMAT_VERSION} has "
+                          f"{', '.join(SCHEMA)}); {REEXPORT}")
 
 
 def check_consistency(manifest: dict, path: Path) -> None:

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from serving.errors import ExportError, InputError, ThresholdError, UnknownClassError
 from serving.images import to_model_input
-from serving.manifest import REEXPORT, read_manifest, recall_keys
+from serving.manifest import REEXPORT, Manifest, read_manifest, recall_keys
 
 DEFAULT_RECALL = 0.99
 CPU = "CPUExecutionProvider"
@@ -75,15 +75,15 @@ class Decisions:
 class SingleLogitModel:
     """An export that passed every check, with one graph open; made by `load`, which refuses the rest."""
 
-    def __init__(self, export_dir: Path, manifest: dict, graph: str, session: ort.InferenceSession,
+    def __init__(self, export_dir: Path, manifest: Manifest, graph: str, session: ort.InferenceSession,
                  max_batch: int | None):
         self.export_dir = export_dir
         self.manifest = manifest
         self.graph = graph
         self.session = session
         self.max_batch = max_batch
-        self._graph = GRAPHS[graph](manifest["input"]["shape"], manifest["num_classes"])
-        self._recalls = recall_keys(manifest["thresholds"])
+        self._graph = GRAPHS[graph](manifest.input["shape"], manifest.num_classes)
+        self._recalls = recall_keys(manifest.thresholds)
 
     @classmethod
     def load(cls, export_dir: str | Path, *, graph: str = "single_logit", providers: str | list[str] = "auto",
@@ -100,26 +100,26 @@ class SingleLogitModel:
                 raise ValueError(f"{name} = {value} is invalid: expected a positive count or None")
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
-        path = export_dir / manifest["models"][graph]
-        session = _open_session(path, choose_providers(providers), manifest["opset"], threads)
-        _check_signature(session, path, GRAPHS[graph](manifest["input"]["shape"], manifest["num_classes"]))
+        path = export_dir / manifest.models[graph]
+        session = _open_session(path, choose_providers(providers), manifest.opset, threads)
+        _check_signature(session, path, GRAPHS[graph](manifest.input["shape"], manifest.num_classes))
         return cls(export_dir, manifest, graph, session, max_batch)
 
     @property
     def run_name(self) -> str:
-        return self.manifest["run_name"]
+        return self.manifest.run_name
 
     @property
     def class_names(self) -> list[str]:
-        return self.manifest["class_names"]
+        return self.manifest.class_names
 
     @property
     def num_classes(self) -> int:
-        return self.manifest["num_classes"]
+        return self.manifest.num_classes
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["input"]["shape"])
+        return tuple(self.manifest.input["shape"])
 
     @property
     def recalls(self) -> list[float]:
@@ -139,7 +139,7 @@ class SingleLogitModel:
 
     def prepare(self, images) -> np.ndarray:
         """Images in any accepted form (serving.images) -> the float32 (N, C, H, W) network input."""
-        return to_model_input(images, self.input_shape, self.manifest["normalisation"], self.max_batch)
+        return to_model_input(images, self.input_shape, self.manifest.normalisation, self.max_batch)
 
     def score(self, images, class_id) -> np.ndarray:
         """The logit of class `class_id` (an int, or one per pair) for each pair: float32 (n,)."""
@@ -172,7 +172,7 @@ class SingleLogitModel:
             have = ", ".join(f"{r:g}" for r in self.recalls) or "none (the export has no thresholds)"
             raise ThresholdError(f"no thresholds for recall {recall!r}: the export has them for {have}; "
                                  f"add the target to evaluate.recalls and re-run evaluate and export")
-        return np.array([math.nan if t is None else t for t in self.manifest["thresholds"][key]], np.float64)
+        return np.array([math.nan if t is None else t for t in self.manifest.thresholds[key]], np.float64)
 
     def class_ids(self, class_id, n_images: int) -> np.ndarray:
         """Validated int64 class ids, one per pair (see the module docstring for how pairs form)."""
@@ -196,8 +196,8 @@ class SingleLogitModel:
         """What a client needs to call the model (served at GET /v1/model and printed by `slc info`)."""
         keys = ("run_name", "loss", "dataset", "class_names", "num_classes", "feature_dim", "input",
                 "normalisation", "opset", "thresholds", "max_abs_diff")
-        return {**{key: self.manifest[key] for key in keys}, "recalls": self.recalls, "graph": self.graph,
-                "graph_file": self.manifest["models"][self.graph], "providers": self.providers,
+        return {**{key: getattr(self.manifest, key) for key in keys}, "recalls": self.recalls, "graph": self.graph,
+                "graph_file": self.manifest.models[self.graph], "providers": self.providers,
                 "max_batch": self.max_batch}
 
     def _some_names(self) -> str:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.errors import ExportError
-from serving.manifest import FORMAT_VERSION, MANIFEST, check_manifest
+from serving.manifest import FORMAT_VERSION, MANIFEST, Manifest, parse_manifest
 from slc import tracking
 from slc.config import ExportConfig
 from slc.data import PreparedData, renormalisation
@@ -165,7 +165,7 @@ def _check_thresholds(thresholds: dict[str, list[float]] | None, k: int, run: st
 
 def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[str, list[float]] | None,
                  images: torch.Tensor, *, opset: int = 18, classes: str | list[int] = "all",
-                 atol: float = 1e-4) -> dict:
+                 atol: float = 1e-4) -> Manifest:
     """Write and verify exports/<run_name>/ atomically (a temp folder renamed into place, so a
     failed export leaves the previous one, or nothing); returns the manifest."""
     missing = [key for key in INFO_KEYS if key not in info]
@@ -173,28 +173,26 @@ def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[s
         raise ExportError(f"export_model: info lacks {', '.join(missing)}; it needs {', '.join(INFO_KEYS)}")
     model = model.eval()
     k, d = model.head.out_features, model.head.in_features
-    manifest = {"format_version": FORMAT_VERSION, "run_name": info["run_name"], "loss": info["loss"],
-                "dataset": info["dataset"], "class_names": list(info["class_names"]), "num_classes": k,
-                "feature_dim": d, "input": {"name": "image", "shape": list(info["input_shape"]), "dtype": "float32"},
-                "normalisation": {"mean": list(info["normalisation"]["mean"]), "std": list(info["normalisation"]["std"]),
-                                  "pixel_scale": float(info["pixel_scale"])},
-                "opset": opset, "thresholds": _check_thresholds(thresholds, k, info["run_name"]),
-                "class_id_range": [0, k - 1]}
-    if len(manifest["class_names"]) != k:
-        raise ExportError(f"{info['run_name']}: {len(manifest['class_names'])} class names for a model with {k} logits")
-    class_ids = select_classes(classes, k)
+    if len(info["class_names"]) != k:
+        raise ExportError(f"{info['run_name']}: {len(info['class_names'])} class names for a model with {k} logits")
+    class_ids, thresholds = select_classes(classes, k), _check_thresholds(thresholds, k, info["run_name"])
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the export unreadable to a serving user
     try:
-        manifest["models"] = write_models(model, tmp, info["input_shape"], opset, class_ids)
-        diffs = verify_export(model, tmp, manifest["models"], images.float(), atol)
-        manifest["files"] = file_table(tmp)
-        manifest["max_abs_diff"] = diffs
-        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-        check_manifest(json.loads(text), tmp / MANIFEST)  # serving's rules: an export it would refuse never lands
-        (tmp / MANIFEST).write_text(text)
+        models = write_models(model, tmp, info["input_shape"], opset, class_ids)
+        diffs = verify_export(model, tmp, models, images.float(), atol)
+        draft = {"format_version": FORMAT_VERSION, "run_name": info["run_name"], "loss": info["loss"],
+                 "dataset": info["dataset"], "class_names": list(info["class_names"]), "num_classes": k,
+                 "feature_dim": d, "input": {"name": "image", "shape": list(info["input_shape"]), "dtype": "float32"},
+                 "normalisation": {"mean": list(info["normalisation"]["mean"]),
+                                   "std": list(info["normalisation"]["std"]), "pixel_scale": float(info["pixel_scale"])},
+                 "opset": opset, "thresholds": thresholds,
+                 "class_id_range": [0, k - 1], "models": models, "files": file_table(tmp), "max_abs_diff": diffs}
+        # serving's own rules, on the JSON as a server will read it: an export it would refuse never lands
+        manifest = parse_manifest(json.loads(json.dumps(draft, allow_nan=False)), tmp / MANIFEST)
+        (tmp / MANIFEST).write_text(manifest.to_json())
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,7 +224,7 @@ def _read_thresholds(path: Path, runs: list[str]) -> dict[str, dict]:
 
 
 def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data_dir: Path,
-                out_dir: Path) -> dict[str, dict]:
+                out_dir: Path) -> dict[str, Manifest]:
     """The stage: export the selected trained runs; returns their manifests by run name."""
     available = sorted(p.parent.name for p in Path(models_dir).glob("*/config.json"))
     if not available:
@@ -258,7 +256,7 @@ def verification_images(data: PreparedData, info: dict, n: int) -> torch.Tensor:
     return images * scale + shift
 
 
-def log_to_mlflow(uri: str, trials: list[TrialRecord], exports_dir: Path, manifests: dict[str, dict],
+def log_to_mlflow(uri: str, trials: list[TrialRecord], exports_dir: Path, manifests: dict[str, Manifest],
                   data: PreparedData) -> None:
     """Each export's full and single-logit models (`mlflow.onnx`, two test images as the input
     example) and its manifest, into the trial's MLflow run. As in evaluate, a run that cannot be
@@ -267,13 +265,13 @@ def log_to_mlflow(uri: str, trials: list[TrialRecord], exports_dir: Path, manife
 
     for run, run_id in tracking.trial_runs(uri, trials, manifests).items():
         manifest, export_dir = manifests[run], Path(exports_dir) / run
-        model_info = {"run_name": run, "input_shape": manifest["input"]["shape"],
-                      "normalisation": manifest["normalisation"]}
+        model_info = {"run_name": run, "input_shape": manifest.input["shape"],
+                      "normalisation": manifest.normalisation}
         images = verification_images(data, model_info, 2).numpy()
-        class_ids = np.array([0, manifest["num_classes"] - 1], dtype=np.int64)
+        class_ids = np.array([0, manifest.num_classes - 1], dtype=np.int64)
         try:
-            tracking.log_onnx(uri, run_id, "onnx_model", export_dir / manifest["models"]["full"], {"image": images})
-            tracking.log_onnx(uri, run_id, "onnx_single_logit", export_dir / manifest["models"]["single_logit"],
+            tracking.log_onnx(uri, run_id, "onnx_model", export_dir / manifest.models["full"], {"image": images})
+            tracking.log_onnx(uri, run_id, "onnx_single_logit", export_dir / manifest.models["single_logit"],
                               {"image": images, "class_id": class_ids})
             MlflowClient(uri).log_artifact(run_id, str(export_dir / MANIFEST), "export")
         except Exception as error:  # a missing run, an unreachable server: report, keep going

@@ -86,23 +86,23 @@ def run(path, **feeds):
 
 def test_manifest_follows_the_contract(exported):
     model, out, manifest, shape = exported
-    assert set(manifest) == MANIFEST_KEYS
-    assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
-    assert manifest["num_classes"] == K and manifest["class_id_range"] == [0, K - 1]
-    assert manifest["feature_dim"] == model.head.in_features
-    assert manifest["input"] == {"name": "image", "shape": list(shape), "dtype": "float32"}
-    assert manifest["normalisation"]["pixel_scale"] == 255.0
-    assert manifest["thresholds"]["0.99"][-1] is None, "a NaN threshold is written as JSON null"
-    assert manifest["models"]["classes"] == {str(c): f"class_{c}.onnx" for c in range(K)}
+    assert set(dataclasses.asdict(manifest)) == MANIFEST_KEYS
+    assert json.loads((out / "manifest.json").read_text()) == dataclasses.asdict(manifest)
+    assert manifest.num_classes == K and manifest.class_id_range == [0, K - 1]
+    assert manifest.feature_dim == model.head.in_features
+    assert manifest.input == {"name": "image", "shape": list(shape), "dtype": "float32"}
+    assert manifest.normalisation["pixel_scale"] == 255.0
+    assert manifest.thresholds["0.99"][-1] is None, "a NaN threshold is written as JSON null"
+    assert manifest.models["classes"] == {str(c): f"class_{c}.onnx" for c in range(K)}
     on_disk = {p.name for p in out.iterdir()} - {"manifest.json"}
-    assert set(manifest["files"]) == on_disk
+    assert set(manifest.files) == on_disk
 
 
 def test_every_model_matched_pytorch_within_atol_at_export(exported):
     _, out, manifest, _ = exported
     onnx_files = {p.name for p in out.glob("*.onnx")}
-    assert set(manifest["max_abs_diff"]) == onnx_files
-    assert all(0 <= diff <= 1e-4 for diff in manifest["max_abs_diff"].values())
+    assert set(manifest.max_abs_diff) == onnx_files
+    assert all(0 <= diff <= 1e-4 for diff in manifest.max_abs_diff.values())
 
 
 def test_onnxruntime_reproduces_pytorch_on_new_images(exported):
@@ -138,10 +138,10 @@ def inline_bytes(model):
 def test_class_files_share_the_backbone_weights_and_add_d_plus_1_floats(exported):
     _, out, manifest, _ = exported
     backbone = onnx.load(str(out / "backbone.onnx"), load_external_data=False)
-    for name in manifest["models"]["classes"].values():
+    for name in manifest.models["classes"].values():
         model = onnx.load(str(out / name), load_external_data=False)
         assert external_locations(model) == external_locations(backbone) == {"backbone.weights"}
-        assert inline_bytes(model) - inline_bytes(backbone) == 4 * (manifest["feature_dim"] + 1)
+        assert inline_bytes(model) - inline_bytes(backbone) == 4 * (manifest.feature_dim + 1)
 
 
 def test_external_data_stays_in_the_export_folder(exported):
@@ -153,7 +153,7 @@ def test_external_data_stays_in_the_export_folder(exported):
 
 def test_an_intact_export_passes_read_manifest(exported):
     _, out, manifest, _ = exported
-    assert read_manifest(out) == json.loads(json.dumps(manifest))
+    assert read_manifest(out) == manifest
 
 
 # ---------- choices and failures of export_model ----------
@@ -161,14 +161,14 @@ def test_an_intact_export_passes_read_manifest(exported):
 def test_classes_none_writes_no_class_files_but_single_logit_covers_every_class(tmp_path):
     model, shape = tiny_model()
     manifest = export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes="none")
-    assert manifest["models"]["classes"] == {} and not list((tmp_path / "run").glob("class_*"))
-    assert manifest["thresholds"] == {} and "single_logit.onnx" in manifest["max_abs_diff"]
+    assert manifest.models["classes"] == {} and not list((tmp_path / "run").glob("class_*"))
+    assert manifest.thresholds == {} and "single_logit.onnx" in manifest.max_abs_diff
 
 
 def test_a_list_of_classes_exports_only_those(tmp_path):
     model, shape = tiny_model()
     manifest = export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes=[3, 1])
-    assert manifest["models"]["classes"] == {"1": "class_1.onnx", "3": "class_3.onnx"}
+    assert manifest.models["classes"] == {"1": "class_1.onnx", "3": "class_3.onnx"}
 
 
 def test_a_class_id_out_of_range_is_refused_with_the_valid_range(tmp_path):
@@ -285,8 +285,8 @@ def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(traine
                 "--out", str(tmp_path / "exports"), "--trials", str(tmp_path / "trials.json")])
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["bce-s0", "bce-s1"]
     manifest = read_manifest(tmp_path / "exports" / "bce-s1")
-    assert manifest["run_name"] == "bce-s1" and manifest["thresholds"] == {"0.9": [0.0] * 10}
-    assert manifest["normalisation"]["pixel_scale"] == 255.0 and list(manifest["models"]["classes"]) == ["9"]
+    assert manifest.run_name == "bce-s1" and manifest.thresholds == {"0.9": [0.0] * 10}
+    assert manifest.normalisation["pixel_scale"] == 255.0 and list(manifest.models["classes"]) == ["9"]
 
     # the run's MLflow entry: both models load back as pyfuncs and answer as onnxruntime does
     assert "export/manifest.json" in {a.path for a in client.list_artifacts(run_id, "export")}

@@ -109,6 +109,7 @@ def flip_a_byte(path):
     (lambda d: (d / "manifest.json").write_text("{not json"), r"not valid JSON"),
     (lambda d: edit_manifest(d, lambda m: m.pop("opset")), r"lacks the key 'opset'"),
     (lambda d: edit_manifest(d, lambda m: m.update(format_version=2)), r"format_version 2"),
+    (lambda d: edit_manifest(d, lambda m: m.update(lables=[])), r"unknown key 'lables'"),
     (lambda d: edit_manifest(d, lambda m: m.update(class_names=["a"])), r"class_names .* 5 names"),
     (lambda d: edit_manifest(d, lambda m: m["thresholds"].update({"0.9": [0.0]})), r"thresholds\['0.9'\]"),
     (lambda d: edit_manifest(d, lambda m: m["normalisation"].update(std=[0.0])), r"normalisation.std"),
