@@ -25,6 +25,7 @@ from slc import timing
 from slc.config import BenchmarkConfig, ConfigError, ModelConfig, Params
 from slc.exporting import export_backbone
 from slc.onnx_graphs import DEFAULT_OPSET, SyntheticRows, WeightsFile, build_head_graph, externalize, save_checked
+from slc.speedup_results import Architecture, AtK, SpeedupResults, Timing
 
 BYTES_PER_WEIGHT = 4  # float32
 # Images of the paper's small networks (MNIST 28x28 grey, SVHN/CIFAR 32x32 colour); every
@@ -91,7 +92,7 @@ def write_models(folder: Path, backbone: onnx.ModelProto, weight: onnx.TensorPro
 
 
 def time_models(paths: dict[str, Path], feeds: dict[str, np.ndarray], settings: dict,
-                cfg: BenchmarkConfig) -> dict[str, dict]:
+                cfg: BenchmarkConfig) -> dict[str, Timing]:
     """Open the models, time them interleaved (`timing.time_interleaved`), close them: only one k's
     sessions are alive at a time."""
     sessions, loaded = {}, {}
@@ -104,7 +105,7 @@ def time_models(paths: dict[str, Path], feeds: dict[str, np.ndarray], settings: 
         wanted = {i.name: feeds[i.name] for i in session.get_inputs()}
         calls[kind] = lambda session=session, wanted=wanted: session.run(None, wanted)
     times = timing.time_interleaved(calls, cfg.warmup, cfg.repeats)
-    result = {kind: {**times[kind], "load_s": loaded[kind], "providers_used": sessions[kind][1]} for kind in paths}
+    result = {kind: Timing(**times[kind], load_s=loaded[kind], providers_used=sessions[kind][1]) for kind in paths}
     del calls, sessions
     return result
 
@@ -123,7 +124,7 @@ def compare(backbone_ms: float, full_ms: float, single_ms: float, d: int, k: int
 
 
 def benchmark_architecture(architecture: str, cfg: BenchmarkConfig, model_cfg: ModelConfig, settings: dict,
-                           gbps: float, folder: Path, progress: tqdm) -> dict:
+                           gbps: float, folder: Path, progress: tqdm) -> Architecture:
     folder.mkdir(parents=True, exist_ok=True)
     progress.set_description(f"{architecture}: export")
     backbone, d = write_backbone(architecture, model_cfg, folder)
@@ -140,16 +141,16 @@ def benchmark_architecture(architecture: str, cfg: BenchmarkConfig, model_cfg: M
         times = time_models({"backbone": folder / "backbone.onnx", **paths}, feeds, settings, cfg)
         for path in paths.values():
             path.unlink()
-        medians = {kind: t["median_ms"] for kind, t in times.items()}
-        per_k[str(k)] = {**times, **compare(medians["backbone"], medians["full"], medians["single_logit"], d, k, gbps),
-                         "peak_rss_gb": timing.peak_rss_gb(), "head_gb": BYTES_PER_WEIGHT * d * k / 1e9}
+        medians = {kind: t.median_ms for kind, t in times.items()}
+        per_k[k] = AtK(**times, **compare(medians["backbone"], medians["full"], medians["single_logit"], d, k, gbps),
+                       peak_rss_gb=timing.peak_rss_gb(), head_gb=BYTES_PER_WEIGHT * d * k / 1e9)
         progress.update()
     for name in ("head.weights", "backbone.weights", "backbone.onnx"):
         (folder / name).unlink()
-    return {"d": d, "input_shape": list(input_shape(architecture)), "k": per_k}
+    return Architecture(d=d, input_shape=list(input_shape(architecture)), k=per_k)
 
 
-def time_exports(exports: Path, cfg: BenchmarkConfig, settings: dict) -> dict:
+def time_exports(exports: Path, cfg: BenchmarkConfig, settings: dict) -> dict[str, dict[str, Timing]]:
     """The trained runs' own exports (whatever of model / backbone / single_logit each has), at
     their own input shape and batch `cfg.batch_size`, asking about class 0."""
     results = {}
@@ -164,17 +165,16 @@ def time_exports(exports: Path, cfg: BenchmarkConfig, settings: dict) -> dict:
     return results
 
 
-def goals(architectures: dict) -> dict:
+def goals(architectures: dict[str, Architecture]) -> dict[str, float | bool]:
     """The issue's three goals, as measured (they are not asserted: a busy machine may miss them)."""
-    rows = [(arch, int(k), r) for arch, a in architectures.items() for k, r in a["k"].items()]
-    out = {"max_single_vs_backbone": max(r["single_vs_backbone"] for _, _, r in rows),
-           "max_full_vs_predicted": max(r["full_vs_predicted"] for _, _, r in rows)}
+    measured = [r for a in architectures.values() for r in a.k.values()]
+    out = {"max_single_vs_backbone": max(r.single_vs_backbone for r in measured),
+           "max_full_vs_predicted": max(r.full_vs_predicted for r in measured)}
     out["single_within_1.05x_of_backbone"] = out["max_single_vs_backbone"] <= 1.05
     out["full_within_1.15x_of_prediction"] = out["max_full_vs_predicted"] <= 1.15
     for arch, a in architectures.items():
-        top = max(a["k"], key=int)
-        out[f"{arch}_speedup_at_{top}"] = a["k"][top]["speedup"]
-        out[f"{arch}_speedup_limit_at_{top}"] = a["k"][top]["speedup_limit"]
+        out[f"{arch}_speedup_at_{max(a.k)}"] = a.largest.speedup
+        out[f"{arch}_speedup_limit_at_{max(a.k)}"] = a.largest.speedup_limit
     return out
 
 
@@ -187,20 +187,18 @@ def session_providers(setting: str | list[str]) -> list[str]:
         raise ConfigError(f"benchmark.providers = {setting!r} is invalid: {error}") from None
 
 
-def run_benchmark(params: Params, exports: Path, workdir: Path) -> dict:
-    """Every figure of the stage, as the dict that metrics/speedup.json holds."""
+def run_benchmark(params: Params, exports: Path, workdir: Path) -> SpeedupResults:
+    """Every figure of the stage: what metrics/speedup.json holds."""
     cfg = params.benchmark
     settings = timing.session_settings(cfg.threads, cfg.prepacking, session_providers(cfg.providers))
     bandwidth = timing.memory_bandwidth(cfg.threads, cfg.bandwidth_mib, cfg.repeats)
     # serving's machine_info is torch-free: torch and the GPU are this side's addition
     machine = {**machine_info(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    results = {"machine": machine, "settings": {**dataclasses.asdict(cfg), "session": settings},
-               "bandwidth": bandwidth, "architectures": {}}
     with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k", disable=None) as progress:
-        for arch in cfg.architectures:
-            results["architectures"][arch] = benchmark_architecture(
-                arch, cfg, params.model, settings, bandwidth["gbps"], workdir / arch, progress)
-    results["exports"] = time_exports(exports, cfg, settings) if exports.is_dir() else {}
-    results["goals"] = goals(results["architectures"])
-    return results
+        architectures = {arch: benchmark_architecture(arch, cfg, params.model, settings, bandwidth["gbps"],
+                                                      workdir / arch, progress) for arch in cfg.architectures}
+    return SpeedupResults(machine=machine, settings={**dataclasses.asdict(cfg), "session": settings},
+                          bandwidth=bandwidth, architectures=architectures,
+                          exports=time_exports(exports, cfg, settings) if exports.is_dir() else {},
+                          goals=goals(architectures))

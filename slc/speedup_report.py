@@ -14,7 +14,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from slc.config import MlflowConfig
-from slc.files import write_json, write_text_atomic
+from slc.files import write_text_atomic
+from slc.speedup_results import SpeedupResults, Timing, write_speedup
 
 TITLE = "Single-logit speedup: the paper's Table 2 in onnxruntime"
 # The paper's Table 2: SLC forward time (ms) and full-model time / SLC time at 2^14, 2^18, 2^18.5.
@@ -38,22 +39,21 @@ def k_label(k: int) -> str:
     return f"{k:,}"
 
 
-def rows(results: dict) -> list[dict]:
-    """One flat record per architecture and k: the plot data and the detail table."""
+def rows(results: SpeedupResults) -> list[dict]:
+    """One flat row per architecture and k: the plot data and the detail table."""
     out = []
-    for arch, a in results["architectures"].items():
-        for k, r in sorted(a["k"].items(), key=lambda item: int(item[0])):
-            out.append({"architecture": arch, "k": int(k), "backbone_ms": r["backbone"]["median_ms"],
-                        "single_logit_ms": r["single_logit"]["median_ms"], "full_ms": r["full"]["median_ms"],
-                        **{key: r[key] for key in ("predicted_full_ms", "speedup", "speedup_limit",
-                                                   "peak_rss_gb", "full_vs_predicted", "single_vs_backbone",
-                                                   "head_gb")},
-                        "spread": {kind: r[kind] for kind in ("backbone", "single_logit", "full")}})
+    for arch, a in results.architectures.items():
+        for k, r in sorted(a.k.items()):
+            out.append({"architecture": arch, "k": k, "backbone_ms": r.backbone.median_ms,
+                        "single_logit_ms": r.single_logit.median_ms, "full_ms": r.full.median_ms,
+                        **r.model_dump(include={"predicted_full_ms", "speedup", "speedup_limit", "peak_rss_gb",
+                                                "full_vs_predicted", "single_vs_backbone", "head_gb"}),
+                        "spread": {"backbone": r.backbone, "single_logit": r.single_logit, "full": r.full}})
     return out
 
 
-def _ms(t: dict) -> str:
-    return f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}–{t['p90_ms']:.1f})"
+def _ms(t: Timing) -> str:
+    return f"{t.median_ms:.1f} ({t.p10_ms:.1f}–{t.p90_ms:.1f})"
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -61,15 +61,15 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
-def table2_markdown(results: dict) -> str:
+def table2_markdown(results: SpeedupResults) -> str:
     """Paper layout: SLC time, then full / SLC per k; ours, the bandwidth limit and the paper's."""
-    ks = sorted({int(k) for a in results["architectures"].values() for k in a["k"]})
+    ks = sorted({k for a in results.architectures.values() for k in a.k})
     rows = []
-    for arch, a in results["architectures"].items():
-        top = a["k"][str(max(int(k) for k in a["k"]))]
-        factor = lambda key: [f"x{a['k'][str(k)][key]:.2f}" if str(k) in a["k"] else "—" for k in ks]
-        rows += [[f"{arch} (ours)", f"{top['single_logit']['median_ms']:.1f} ms", *factor("speedup")],
-                 [f"{arch} (bandwidth limit)", f"{top['backbone']['median_ms']:.1f} ms (backbone)",
+    for arch, a in results.architectures.items():
+        top = a.largest
+        factor = lambda key: [f"x{getattr(a.k[k], key):.2f}" if k in a.k else "—" for k in ks]
+        rows += [[f"{arch} (ours)", f"{top.single_logit.median_ms:.1f} ms", *factor("speedup")],
+                 [f"{arch} (bandwidth limit)", f"{top.backbone.median_ms:.1f} ms (backbone)",
                   *factor("speedup_limit")]]
         if arch in PAPER_TABLE2:
             slc, factors = PAPER_TABLE2[arch]
@@ -78,7 +78,7 @@ def table2_markdown(results: dict) -> str:
     return _table(rows, ["architecture", "SLC time", *(f"k = {k_label(k)}" for k in ks)])
 
 
-def details_markdown(results: dict) -> str:
+def details_markdown(results: SpeedupResults) -> str:
     headers = ["architecture", "k", "head GB", "backbone ms", "single_logit ms", "full ms", "predicted full ms",
                "full / predicted", "single / backbone", "speedup", "limit", "peak RSS GB"]
     return _table([[r["architecture"], f"{r['k']:,}", f"{r['head_gb']:.2f}", _ms(r["spread"]["backbone"]),
@@ -87,7 +87,7 @@ def details_markdown(results: dict) -> str:
                     f"x{r['speedup_limit']:.2f}", f"{r['peak_rss_gb']:.2f}"] for r in rows(results)], headers)
 
 
-def exports_markdown(exports: dict) -> str:
+def exports_markdown(exports: dict[str, dict[str, Timing]]) -> str:
     if not exports:
         return "No trained exports were found (run `dvc repro export` first)."
     kinds = ("model", "backbone", "single_logit")
@@ -95,29 +95,29 @@ def exports_markdown(exports: dict) -> str:
                    for run, times in exports.items()], ["run", *(f"{kind}.onnx ms" for kind in kinds)])
 
 
-def paper_reading(results: dict) -> str:
+def paper_reading(results: SpeedupResults) -> str:
     """Why our speedup differs from the paper's, from the figures themselves: the ratio is
     1 + (head read time) / (backbone time), and both terms depend on the machine."""
-    bw = results["bandwidth"]["gbps"]
+    bw = results.bandwidth["gbps"]
     out = []
-    for arch, a in results["architectures"].items():
+    for arch, a in results.architectures.items():
         if arch not in PAPER_TABLE2:
             continue
         slc, factors = PAPER_TABLE2[arch]
         k = PAPER_K[-1]
         head_ms = (factors[-1] - 1) * slc
-        head_gb = 4 * a["d"] * k / 1e9
-        ours = a["k"][str(max(int(k) for k in a["k"]))]
+        head_gb = 4 * a.d * k / 1e9
+        ours = a.largest
         out.append(f"- {arch}: the paper's x{factors[-1]:.2f} at 2^18.5 means its {head_gb:.2f} GB head took about "
                    f"{head_ms:.0f} ms beside a {slc} ms network, an effective {head_gb / head_ms * 1e3:.0f} GB/s "
-                   f"against a fast backbone. Here the backbone takes {ours['backbone']['median_ms']:.0f} ms on "
-                   f"{results['machine']['cores']} CPU cores and memory streams at {bw:.1f} GB/s, so the head "
+                   f"against a fast backbone. Here the backbone takes {ours.backbone.median_ms:.0f} ms on "
+                   f"{results.machine['cores']} CPU cores and memory streams at {bw:.1f} GB/s, so the head "
                    f"costs less relative to the backbone and the most any single-logit model can gain is "
-                   f"x{ours['speedup_limit']:.2f} (measured x{ours['speedup']:.2f}).")
+                   f"x{ours.speedup_limit:.2f} (measured x{ours.speedup:.2f}).")
     return "\n".join(out) or f"None of the paper's architectures ({', '.join(PAPER_TABLE2)}) was benchmarked."
 
 
-def goals_markdown(goals: dict) -> str:
+def goals_markdown(goals: dict[str, float | bool]) -> str:
     lines = [f"- single_logit.onnx / backbone alone, worst k: {goals['max_single_vs_backbone']:.3f} "
              f"(goal ≤ 1.05: {'met' if goals['single_within_1.05x_of_backbone'] else 'missed'})",
              f"- full model / bandwidth prediction, worst k: {goals['max_full_vs_predicted']:.2f} "
@@ -126,13 +126,13 @@ def goals_markdown(goals: dict) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(results: dict, heading: str = "##") -> str:
+def summary_markdown(results: SpeedupResults, heading: str = "##") -> str:
     """The machine, the settings, the bandwidth, then Table 2 under `heading`: the part of the
     report that the README shows too (rendered from metrics/speedup.json)."""
-    m, s, bw = results["machine"], results["settings"], results["bandwidth"]
+    m, s, bw = results.machine, results.settings, results.bandwidth
     session = s["session"]
-    providers = sorted({p for a in results["architectures"].values() for r in a["k"].values()
-                        for kind in ("full", "single_logit", "backbone") for p in r[kind]["providers_used"]})
+    providers = sorted({p for a in results.architectures.values() for r in a.k.values()
+                        for timing in (r.full, r.single_logit, r.backbone) for p in timing.providers_used})
     return "\n".join([
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, GPU: {m['gpu'] or 'none'}; "
         f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; load average at start "
@@ -149,16 +149,16 @@ def summary_markdown(results: dict, heading: str = "##") -> str:
         table2_markdown(results)])
 
 
-def speedup_markdown(results: dict) -> str:
+def speedup_markdown(results: SpeedupResults) -> str:
     return "\n".join([
         f"# {TITLE}", "", summary_markdown(results), "",
-        "## Goals", "", goals_markdown(results["goals"]), "",
+        "## Goals", "", goals_markdown(results.goals), "",
         "## Why the speedup differs from the paper's", "", paper_reading(results), "",
         "## Every measurement", "", details_markdown(results), "",
-        "## The trained runs' exports", "", exports_markdown(results["exports"]), ""])
+        "## The trained runs' exports", "", exports_markdown(results.exports), ""])
 
 
-def plot_csv(results: dict) -> str:
+def plot_csv(results: SpeedupResults) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PLOT_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -166,7 +166,7 @@ def plot_csv(results: dict) -> str:
     return buffer.getvalue()
 
 
-def write_plot_png(results: dict, path: Path) -> None:
+def write_plot_png(results: SpeedupResults, path: Path) -> None:
     """Latency and speedup against k (log scales), one colour per architecture, limits dashed."""
     import matplotlib
     matplotlib.use("Agg")
@@ -174,7 +174,7 @@ def write_plot_png(results: dict, path: Path) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, arch in enumerate(results["architectures"]):
+    for i, arch in enumerate(results.architectures):
         mine = [r for r in rows(results) if r["architecture"] == arch]
         k = [r["k"] for r in mine]
         colour = f"C{i}"
@@ -192,22 +192,22 @@ def write_plot_png(results: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"batch {results['settings']['batch_size']}, {results['machine']['cpu']}, "
-                 f"{results['settings']['session']['intra_op_threads']} threads")
+    fig.suptitle(f"batch {results.settings['batch_size']}, {results.machine['cpu']}, "
+                 f"{results.settings['session']['intra_op_threads']} threads")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_outputs(results: dict, metrics: Path, table: Path, plots: Path) -> None:
-    write_json(metrics, results)
+def write_outputs(results: SpeedupResults, metrics: Path, table: Path, plots: Path) -> None:
+    write_speedup(metrics, results)
     write_text_atomic(table, speedup_markdown(results))
     write_text_atomic(plots / "speedup.csv", plot_csv(results))
     write_plot_png(results, plots / "speedup.png")
 
 
-def log_to_mlflow(results: dict, cfg: MlflowConfig, table: Path, plots: Path) -> str:
+def log_to_mlflow(results: SpeedupResults, cfg: MlflowConfig, table: Path, plots: Path) -> str:
     """One run named `benchmark` in the project's experiment: settings as params, every figure as a
     metric stepped by k (so the UI draws it against k), the table and the plots as artifacts."""
     from mlflow import MlflowClient
@@ -220,13 +220,13 @@ def log_to_mlflow(results: dict, cfg: MlflowConfig, table: Path, plots: Path) ->
     run = client.create_run(tracking.experiment_id(uri, cfg.experiment), run_name="benchmark",
                             tags={"stage": "benchmark", "git_commit": tracking.git_commit()})
     run_id = run.info.run_id
-    params = tracking.flatten({"benchmark": results["settings"], "machine": results["machine"]})
+    params = tracking.flatten({"benchmark": results.settings, "machine": results.machine})
     client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in params.items()])
     now = int(time.time() * 1000)
-    metrics = [Metric("bandwidth_gbps", results["bandwidth"]["gbps"], now, 0)]
+    metrics = [Metric("bandwidth_gbps", results.bandwidth["gbps"], now, 0)]
     for r in rows(results):
         metrics += [Metric(f"{r['architecture']}/{key}", float(r[key]), now, r["k"]) for key in PLOT_FIELDS[2:]]
-    metrics += [Metric(f"goals/{key}", float(value), now, 0) for key, value in results["goals"].items()]
+    metrics += [Metric(f"goals/{key}", float(value), now, 0) for key, value in results.goals.items()]
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start:start + 1000])
     for path in (table, plots / "speedup.png", plots / "speedup.csv"):

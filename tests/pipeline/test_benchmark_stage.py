@@ -8,6 +8,7 @@ from mlflow import MlflowClient
 from pipeline import benchmark
 from slc.config import BenchmarkConfig
 from slc.onnx_graphs import write_single_logit
+from slc.speedup_results import read_speedup
 from tests.conftest import write_params
 from tests.unit.test_benchmark import tiny_backbone
 
@@ -35,15 +36,16 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
                               "--metrics", str(out / "speedup.json"), "--table", str(out / "speedup.md"),
                               "--plots", str(out / "plots"), "--workdir", str(tmp_path)])
 
-    per_k = results["architectures"]["mlp"]["k"]
-    assert sorted(per_k, key=int) == ["1", "1000"]
+    per_k = results.architectures["mlp"].k
+    assert sorted(per_k) == [1, 1000]
     for r in per_k.values():
-        assert all(r[kind]["median_ms"] > 0 and r[kind]["repeats"] == 3 for kind in ("backbone", "full", "single_logit"))
-        assert r["full"]["providers_used"] == ["CPUExecutionProvider"] and r["peak_rss_gb"] > 0
-    assert results["architectures"]["mlp"]["d"] == 32
-    assert set(results["exports"]["bce-s0"]) == {"model", "backbone", "single_logit"}
-    assert results["bandwidth"]["gbps"] > 0
-    assert json.loads((out / "speedup.json").read_text())["goals"] == results["goals"]
+        assert all(t.median_ms > 0 and t.repeats == 3 for t in (r.backbone, r.full, r.single_logit))
+        assert r.full.providers_used == ["CPUExecutionProvider"] and r.peak_rss_gb > 0
+    assert results.architectures["mlp"].d == 32
+    assert set(results.exports["bce-s0"]) == {"model", "backbone", "single_logit"}
+    assert results.bandwidth["gbps"] > 0
+    assert json.loads((out / "speedup.json").read_text())["goals"] == results.goals
+    assert read_speedup(out / "speedup.json") == results
     assert "| mlp (ours) " in (out / "speedup.md").read_text()
     assert (out / "plots" / "speedup.png").exists() and (out / "plots" / "speedup.csv").exists()
     assert [p.name for p in tmp_path.glob("slc-benchmark-*")] == []  # the models were removed

@@ -11,6 +11,7 @@ from slc import benchmarking as benchmark
 from slc import speedup_report, timing
 from slc.config import BenchmarkConfig, ConfigError
 from slc.onnx_graphs import SyntheticRows
+from slc.speedup_results import Architecture, SpeedupResults
 
 CPU = ["CPUExecutionProvider"]
 SETTINGS = dict(architectures=["resnet50"], num_classes=[1, 16384, 400_000], batch_size=1, threads=2, warmup=5,
@@ -174,28 +175,28 @@ def measured(median: float) -> dict:
 
 
 def measured_architectures(single_vs_backbone: float = 1.0, full_vs_predicted: float = 1.0,
-                           at_k: int | None = None) -> dict:
+                           at_k: int | None = None) -> dict[str, Architecture]:
     """ResNet-50 at three k with round numbers: backbone 50 ms, 16 GB/s; the single logit model and
     the full one at these multiples of the backbone and of the prediction (at `at_k` only, if given)."""
     per_k = {}
     for k in (1, 16384, 400_000):
         single_ratio, full_ratio = (single_vs_backbone, full_vs_predicted) if at_k in (None, k) else (1.0, 1.0)
         single, full = 50.0 * single_ratio, benchmark.predicted_ms(50.0, 2048, k, 16.0) * full_ratio
-        per_k[str(k)] = {"backbone": measured(50.0), "single_logit": measured(single), "full": measured(full),
-                         **benchmark.compare(50.0, full, single, 2048, k, 16.0),
-                         "peak_rss_gb": 1.0 + 4 * 2048 * k / 1e9, "head_gb": 4 * 2048 * k / 1e9}
-    return {"resnet50": {"d": 2048, "input_shape": [3, 224, 224], "k": per_k}}
+        per_k[k] = {"backbone": measured(50.0), "single_logit": measured(single), "full": measured(full),
+                    **benchmark.compare(50.0, full, single, 2048, k, 16.0),
+                    "peak_rss_gb": 1.0 + 4 * 2048 * k / 1e9, "head_gb": 4 * 2048 * k / 1e9}
+    return {"resnet50": Architecture(d=2048, input_shape=[3, 224, 224], k=per_k)}
 
 
-def fixed_results() -> dict:
+def fixed_results() -> SpeedupResults:
     """The stage's results for `measured_architectures()`: the head at its limit, every goal met."""
     architectures = measured_architectures()
     settings = {**SETTINGS, "session": timing.session_settings(2, False, CPU)}
-    return {"machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 24.0, "gpu": None, "onnxruntime": "1.0",
+    return SpeedupResults(**{"machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 24.0, "gpu": None, "onnxruntime": "1.0",
                         "torch": "2.0", "load_average": [0.1, 0.1, 0.1]},
             "settings": settings, "architectures": architectures, "exports": {},
             "bandwidth": {"gbps": 16.0, "gbps_best": 17.0, "numpy_1thread_gbps": 5.0, "method": "test probe"},
-            "goals": benchmark.goals(architectures)}
+            "goals": benchmark.goals(architectures)})
 
 
 @pytest.mark.parametrize("k, label", [(16384, "2^14"), (262144, "2^18"), (370727, "2^18.5"), (400_000, "400,000"),
@@ -217,7 +218,7 @@ def test_goals_hold_for_figures_within_their_bounds():
     goals = benchmark.goals(measured_architectures(single_vs_backbone=1.04, full_vs_predicted=1.14))
     assert goals["single_within_1.05x_of_backbone"] is True and goals["full_within_1.15x_of_prediction"] is True
     assert (goals["max_single_vs_backbone"], goals["max_full_vs_predicted"]) == pytest.approx((1.04, 1.14))
-    assert fixed_results()["goals"]["resnet50_speedup_at_400000"] == pytest.approx(1 + 3.2768 / 16 * 1e3 / 50)
+    assert fixed_results().goals["resnet50_speedup_at_400000"] == pytest.approx(1 + 3.2768 / 16 * 1e3 / 50)
 
 
 @pytest.mark.parametrize("figures, missed, kept", [
