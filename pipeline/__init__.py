@@ -1,0 +1,1 @@
+"""The DVC stages, one thin entry point each: `python -m pipeline.<stage>` (see dvc.yaml)."""

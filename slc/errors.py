@@ -15,13 +15,18 @@ class PipelineError(Exception):
 
 
 USER_ERRORS = (PipelineError, ExportError)  # an export that cannot be trusted is the user's to re-make
+OUR_PACKAGES = ("slc", "pipeline", "serving")
 
 
 def run_stage(main: Callable[[], object]) -> NoReturn:
     """Run a stage's `main` with logging on stdout: an int it returns is the exit status, anything
     else (say, the stage's results) is success; a user-fixable error is printed alone as
     `error: ...` on stderr and exits with status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    # our own INFO lines (progress, per-epoch figures); other libraries' only from WARNING up, or the
+    # ONNX exporter's optimiser passes alone would add dozens of INFO lines per export
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         status = main()
     except USER_ERRORS as error:
