@@ -10,7 +10,7 @@ import pytest
 from serving import loadtest
 from serving.machine import machine_info
 
-COMMITTED = Path(__file__).resolve().parents[2] / "results/serving.json"  # an earlier run's real figures
+COMMITTED = Path(__file__).resolve().parents[1] / "fixtures/earlier_run/results/serving.json"  # real figures
 
 
 def cells(line: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Table 1's layout, on the committed figures of an earlier run (metrics/slc.json)."""
+"""Table 1's layout, on the figures of an earlier run (tests/fixtures/earlier_run/metrics/slc.json)."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from slc.losses import POLS_ALIGNED
 from slc.table1_report import error_names, errors_markdown, table1_markdown
 
-SLC = json.loads((Path(__file__).resolve().parents[2] / "metrics/slc.json").read_text())
+SLC = json.loads((Path(__file__).resolve().parents[1] / "fixtures/earlier_run/metrics/slc.json").read_text())
 SETTINGS = {"dataset": "fashion_mnist", "evaluated_on": "data/prepared (fashion_mnist)", "model": "mlp",
             "epochs": 5, "seeds": [0, 1, 2], "recalls": [0.9, 0.99], "test_size": 10000}
 
