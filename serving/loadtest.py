@@ -139,6 +139,7 @@ class Server:
         raise RuntimeError(f"the server at {self.url} did not answer /healthz within {timeout:.0f} s")
 
     def cpu_seconds(self) -> float:
+        """Counted in clock ticks (10 ms): a level needs enough requests to span several."""
         times = psutil.Process(self.process.pid).cpu_times()
         return times.user + times.system
 
