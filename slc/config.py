@@ -49,6 +49,23 @@ class SyntheticConfig:
 
 
 @_config
+class TuplesConfig:
+    num_classes: int
+    train_per_class: int
+    val_per_class: int
+    test_per_class: int
+    long_tail: float
+
+    def __post_init__(self):
+        _require(2 <= self.num_classes <= 10**7, "data.tuples.num_classes", self.num_classes,
+                 "2 to 10,000,000 classes (one per ordered tuple of Fashion-MNIST classes)")
+        for key in ("train_per_class", "val_per_class", "test_per_class"):
+            _require(getattr(self, key) > 0, f"data.tuples.{key}", getattr(self, key), "a positive integer")
+        _require(self.long_tail >= 0, "data.tuples.long_tail", self.long_tail,
+                 "0 (every class equally frequent) or a positive Zipf exponent, e.g. 1.0")
+
+
+@_config
 class DataConfig:
     name: str
     root: str
@@ -58,6 +75,7 @@ class DataConfig:
     image_size: int
     npz_path: str | None
     synthetic: SyntheticConfig
+    tuples: TuplesConfig
 
     def __post_init__(self):
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
@@ -85,10 +103,16 @@ class TrainConfig:
     self_norm_alpha: float
     nce_noise_samples: int
     nce_noise: str
+    candidates: int | None
+    val_classes: int | None
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "nce_noise_samples"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+        _require(self.candidates is None or self.candidates >= 1, "train.candidates", self.candidates,
+                 "null (every class, the exact losses) or a number of sampled negative classes >= 1")
+        _require(self.val_classes is None or self.val_classes >= 1, "train.val_classes", self.val_classes,
+                 "null (every class) or a number of classes to validate on >= 1")
         for key in ("lr", "margin", "self_norm_alpha"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive number")
 
@@ -135,12 +159,15 @@ class EvaluateConfig:
     recalls: list[float]
     batch_size: int
     hist_bins: int
+    classes: int | None
 
     def __post_init__(self):
         _require(all(0.0 < r <= 1.0 for r in self.recalls) and self.recalls, "evaluate.recalls",
                  self.recalls, "a non-empty list of recall targets in (0, 1]")
         _require(self.batch_size > 0, "evaluate.batch_size", self.batch_size, "a positive integer")
         _require(self.hist_bins > 0, "evaluate.hist_bins", self.hist_bins, "a positive integer")
+        _require(self.classes is None or self.classes >= 1, "evaluate.classes", self.classes,
+                 "null (every class) or a number of classes to sample >= 1")
 
 
 @_config

@@ -31,10 +31,13 @@ class DatasetError(PipelineError, RuntimeError):
 
 @dataclass
 class Split:
-    """Labels plus either the images themselves (N, C, H, W) or the image files (indexed, not loaded)."""
+    """Labels plus one of: the images themselves (N, C, H, W), the image files (indexed, not loaded),
+    or `parts` (N, t) indices into a shared `pool` of images that `compose` lays side by side."""
     labels: np.ndarray
     images: np.ndarray | None = None
     paths: list[str] | None = None
+    parts: np.ndarray | None = None
+    pool: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -47,6 +50,14 @@ class RawDataset:
     test: Split
     source: str
     files: list[Path]
+    val: Split | None = None  # a dataset's own validation split; else prepare carves one from train
+
+
+def compose(pool: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """(N, t) pool indices -> (N, C, H, t*W) images: each row's t pool images side by side."""
+    items = pool[parts]  # (N, t, C, H, W)
+    n, t, c, h, w = items.shape
+    return items.transpose(0, 2, 3, 1, 4).reshape(n, c, h, t * w)
 
 
 def _torchvision_dataset(cls, root: Path, hint: str, **kwargs):
@@ -197,6 +208,54 @@ def synthetic(cfg: DataConfig) -> RawDataset:
     return RawDataset(names, draw(s.train_per_class), draw(s.test_per_class), f"synthetic seed={cfg.seed}", [])
 
 
+def tuple_digits(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class c -> its t base-10 digits, most significant first: the Fashion-MNIST class at each place."""
+    t = len(str(num_classes - 1))
+    return (labels[:, None] // 10 ** np.arange(t - 1, -1, -1)) % 10
+
+
+def tuples(cfg: DataConfig) -> RawDataset:
+    """Many classes of real pictures, generated on the fly from Fashion-MNIST.
+
+    Class c is the ordered tuple of Fashion-MNIST classes spelled by the t digits of c (t digits of
+    num_classes - 1), and an example of it is one random Fashion-MNIST image of each of those
+    classes laid side by side: 10^t classes from real pictures, whose hardest negatives differ in
+    one item. Only (N, t) indices into Fashion-MNIST are stored, never the composed images. Train
+    and validation items come from Fashion-MNIST's train images, test items from its test images
+    only. With `long_tail` a > 0 training class c has frequency ~ 1 / rank(c)^a (ranks a seeded
+    permutation, at least one example per class); validation and test stay balanced.
+    """
+    s = cfg.tuples
+    base = fashion_mnist(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    k = s.num_classes
+    pool = np.concatenate([base.train.images, base.test.images])
+    offset = {"train": 0, "test": len(base.train)}
+
+    def draw(per_class: np.ndarray, source: str) -> Split:
+        labels = np.repeat(np.arange(k, dtype=np.int64), per_class)
+        base_labels = (base.train if source == "train" else base.test).labels
+        by_class = np.argsort(base_labels, kind="stable")
+        starts = np.searchsorted(base_labels[by_class], np.arange(10))
+        counts = np.bincount(base_labels, minlength=10)
+        digits = tuple_digits(labels, k)
+        if (counts[digits] == 0).any():
+            raise DatasetError(f"Fashion-MNIST's {source} images lack class {int(digits[counts[digits] == 0][0])}")
+        pick = (rng.random(digits.shape) * counts[digits]).astype(np.int64)
+        parts = (offset[source] + by_class[starts[digits] + pick]).astype(np.int32)
+        return Split(labels=labels, parts=parts, pool=pool)
+
+    train_counts = np.full(k, s.train_per_class)
+    if s.long_tail > 0:
+        weight = 1.0 / (rng.permutation(k) + 1.0) ** s.long_tail
+        train_counts = np.maximum(1, np.round(s.train_per_class * k * weight / weight.sum())).astype(np.int64)
+    t = len(str(k - 1))
+    return RawDataset([f"{c:0{t}d}" for c in range(k)], draw(train_counts, "train"),
+                      draw(np.full(k, s.test_per_class), "test"),
+                      f"tuples of {t} Fashion-MNIST items, {k} classes, seed={cfg.seed}", base.files,
+                      val=draw(np.full(k, s.val_per_class), "train"))
+
+
 DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
     "fashion_mnist": fashion_mnist,
     "mnist": mnist,
@@ -206,6 +265,7 @@ DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
     "imagenet": imagenet,
     "folder": folder,
     "npz": npz,
+    "tuples": tuples,
     "synthetic": synthetic,
 }
 
@@ -253,7 +313,8 @@ class PreparedData:
 
 
 class PreparedSplit(torch.utils.data.Dataset):
-    """Normalised float32 images (C, H, W) and int64 labels; arrays are memory-mapped, files read lazily."""
+    """Normalised float32 images (C, H, W) and int64 labels; arrays are memory-mapped, files read and
+    tuples composed lazily, batch by batch."""
 
     def __init__(self, root: Path, name: str, meta: dict):
         self.image_size = meta["input_shape"][-1]
@@ -261,13 +322,16 @@ class PreparedSplit(torch.utils.data.Dataset):
         self.scale = meta["pixel_scale"]
         self.mean = np.asarray(norm["mean"], np.float32)[:, None, None]
         self.std = np.asarray(norm["std"], np.float32)[:, None, None]
+        self.images = self.paths = self.parts = self.pool = None
         if meta["storage"] == "arrays":
             self.images = np.load(root / f"{name}_images.npy", mmap_mode="r")
             self.labels = np.load(root / f"{name}_labels.npy")
-            self.paths = None
+        elif meta["storage"] == "tuples":
+            self.pool = np.load(root / "pool_images.npy", mmap_mode="r")
+            self.parts = np.load(root / f"{name}_parts.npy")
+            self.labels = np.load(root / f"{name}_labels.npy")
         else:
             rows = json.loads((root / f"{name}_index.json").read_text())
-            self.images = None
             self.paths = [row["path"] for row in rows]
             self.labels = np.asarray([row["label"] for row in rows], np.int64)
 
@@ -283,6 +347,8 @@ class PreparedSplit(torch.utils.data.Dataset):
         index = np.asarray(indices)
         if self.images is not None:
             raw = self.images[index]
+        elif self.parts is not None:
+            raw = compose(self.pool, self.parts[index])
         else:
             raw = np.stack([load_image(self.paths[i], self.image_size) for i in index])
         return list(zip(self.normalise(raw), torch.from_numpy(self.labels[index])))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 from tqdm import tqdm
 
 from slc import tracking
@@ -25,9 +26,10 @@ from slc.data import PreparedData, renormalisation
 from slc.errors import PipelineError
 from slc.files import finite_or_none, write_json, write_text_atomic
 from slc.losses import POLS_ALIGNED
-from slc.metrics import logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
-from slc.models import load_trained, predict_logits
+from slc.metrics import pols_summary, recall_key
+from slc.models import load_trained, predict_features
 from slc.records import TrialRecord, read_trials
+from slc.scoring import Head, class_sample, score_classes, thresholds_at_recall, true_logits
 from slc.table1_report import error_names, table1_markdown, write_plot_data, write_plot_pngs
 
 
@@ -68,30 +70,46 @@ def _nan_stat(fn, values: np.ndarray) -> float:
     return float(fn(values)) if len(values) else float("nan")
 
 
-def evaluate_logits(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
-                    test_labels: np.ndarray, recalls: list[float], hist_bins: int) -> RunResult:
-    """One run's results from its logits; pure numpy, so it is tested without a model."""
-    test = slc_metrics(test_logits, test_labels, recalls)
-    val = slc_metrics(val_logits, val_labels, recalls)
+def evaluate_features(val_features: Tensor, val_labels: np.ndarray, test_features: Tensor, test_labels: np.ndarray,
+                      head: Head, classes: np.ndarray | None, recalls: list[float], hist_bins: int) -> RunResult:
+    """One run's results from its features and head (so it is tested without a backbone).
+
+    Errors and accuracy are over `classes` (every class when None); thresholds, and the recall
+    they give on test, are for every class (they need only the positives' logits); the precision a
+    threshold gives on test needs every example's logit of that class, so it is NaN for a class
+    outside `classes`.
+    """
+    num_classes = head.num_classes
+    thresholds = thresholds_at_recall(true_logits(val_features, val_labels, head), val_labels, num_classes, recalls)
+    test = score_classes(test_features, test_labels, head, classes, recalls, hist_bins, thresholds)
+    test_true = true_logits(test_features, test_labels, head)
     names = error_names(recalls)
     keys = ["auprc", *(f"precision_at_recall_{recall_key(r)}" for r in recalls)]
-    class_means = {f"mean_{key}": test[f"mean_{key}"] for key in keys}
+    class_means = {f"mean_{key}": test.means[f"mean_{key}"] for key in keys}
     metrics = {name: 1.0 - class_means[f"mean_{key}"] for name, key in zip(names, keys)}
-    metrics["accuracy"] = test["accuracy"]
-    thresholds, thresholds_test = {}, {}
+    metrics["accuracy"] = test.accuracy
+    thresholds_test = {}
     for r in recalls:
         key = recall_key(r)
-        threshold = val[f"threshold_at_recall_{key}"]
-        precision, recall = precision_recall_at(test_logits, test_labels, threshold)
-        thresholds[key] = threshold.tolist()
-        thresholds_test[key] = {"threshold": threshold.tolist(), "precision": precision.tolist(),
+        precision = np.full(num_classes, np.nan)
+        precision[test.classes] = test.precision_at[key]
+        recall = _recall_of_positives(test_true, test_labels, thresholds[key], num_classes)
+        recall[test.classes] = test.recall_at[key]  # the scored classes' own, from their logits
+        thresholds_test[key] = {"threshold": thresholds[key].tolist(), "precision": precision.tolist(),
                                 "recall": recall.tolist()}
         metrics[f"test_precision_at_val_threshold_{key}"] = _nan_stat(np.mean, precision)
         metrics[f"test_recall_at_val_threshold_{key}"] = _nan_stat(np.mean, recall)
         metrics[f"test_recall_at_val_threshold_{key}_min"] = _nan_stat(np.min, recall)
-    return RunResult(class_means, metrics, thresholds, thresholds_test,
-                     pr_curve_mean(test_logits, test_labels),
-                     logit_histograms(test_logits, test_labels, hist_bins))
+    return RunResult(class_means, metrics, {key: value.tolist() for key, value in thresholds.items()},
+                     thresholds_test, test.pr_curve, test.histogram)
+
+
+def _recall_of_positives(positives_logits: np.ndarray, labels: np.ndarray, threshold: np.ndarray,
+                         num_classes: int) -> np.ndarray:
+    """Per class, the share of its positives whose logit reaches its threshold (NaN without any)."""
+    hits = np.bincount(labels, weights=positives_logits >= threshold[labels], minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / np.bincount(labels, minlength=num_classes)
 
 
 def summarise_runs(results: dict[str, RunResult], losses: dict[str, list[str]], recalls: list[float]) -> dict:
@@ -171,6 +189,7 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
         raise EvaluateError(f"no finished trial in {trials_path} to evaluate ({errors})")
     data = PreparedData(data_dir)
     val, test = data.split(val_split), data.split(test_split)
+    classes = class_sample(data.num_classes, cfg.classes)
     results: dict[str, RunResult] = {}
     losses: dict[str, list[str]] = {}
     first_info = None
@@ -180,17 +199,18 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
         check_same_classes(info, data)
         first_info = first_info or info
         shift = renormalisation(data.meta["normalisation"], info["normalisation"])
-        logits = {name: predict_logits(model, split, cfg.batch_size, scale_shift=shift, desc=f"{run} {name}")
-                  for name, split in ((val_split, val), (test_split, test))}
-        results[run] = evaluate_logits(logits[val_split], val.labels, logits[test_split], test.labels,
-                                       cfg.recalls, cfg.hist_bins)
+        features = {name: predict_features(model, split, cfg.batch_size, scale_shift=shift, desc=f"{run} {name}")
+                    for name, split in ((val_split, val), (test_split, test))}
+        results[run] = evaluate_features(features[val_split], val.labels, features[test_split], test.labels,
+                                         Head.of(model.head), classes, cfg.recalls, cfg.hist_bins)
         losses.setdefault(trial.loss, []).append(run)
     slc = summarise_runs(results, losses, cfg.recalls)
 
     settings = {"dataset": first_info["dataset"], "model": first_info["model"]["name"],
                 "epochs": first_info["train"]["epochs"],
                 "seeds": sorted({t.seed for t in trials}), "recalls": cfg.recalls,
-                "test_size": len(test),
+                "test_size": len(test), "num_classes": data.num_classes,
+                "scored_classes": data.num_classes if classes is None else len(classes),
                 "evaluated_on": f"{data_dir} ({data.meta['dataset']}): thresholds from split "
                                 f"'{val_split}', errors on split '{test_split}'"}
     pr_curves = {loss: (results[runs[0]].pr_curve[0],

@@ -30,7 +30,7 @@ from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from slc.models import build_model, save_trained
 from slc.ray_trial import DRIVER_CPUS, EPOCH_METRICS, connect, one_line, run_trial, worker_resources
 from slc.records import RecordError, TrialRecord, read_trials, write_trials
-from slc.training import CHECKPOINT_FILE, RunConfig, trained_info
+from slc.training import CHECKPOINT_FILE, RunConfig, check_trainable, trained_info
 
 log = logging.getLogger(__name__)
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
@@ -148,6 +148,8 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     if unknown:
         raise ConfigError(f"grid.losses has unknown loss {unknown[0]!r}; known losses: {', '.join(LOSSES)}")
     data, models_dir, results = PreparedData(data_root), Path(models_dir), Path(results)
+    for loss in params.grid.losses:  # refused here, before Ray starts, not in every trial
+        check_trainable(RunConfig(loss, params.grid.seeds[0], params.model, params.train), data)
     sections = {name: dataclasses.asdict(getattr(params, name)) for name in TRAIN_PARAMS}
     grid = [(loss, seed, tracking.run_name(loss, seed)) for loss in params.grid.losses for seed in params.grid.seeds]
     fingerprints = {name: trial_fingerprint(loss, seed, sections, data) for loss, seed, name in grid}

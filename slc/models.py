@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
 from tqdm.auto import tqdm
 
+from slc.candidates import SparseRows
 from slc.config import ConfigError, ModelConfig, from_dict
 from slc.errors import PipelineError
 
@@ -39,8 +40,12 @@ class SLCNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """All k logits, or only those of `classes` (sampled training), whose head gradient is sparse."""
+        if classes is None:
+            return self.head(self.features(x))
+        rows = SparseRows.apply(self.head.weight, classes)
+        return self.features(x) @ rows.T + SparseRows.apply(self.head.bias, classes)
 
 
 class FitInput(nn.Module):
@@ -207,17 +212,31 @@ def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
     return model.eval(), info
 
 
-@torch.inference_mode()
 def predict_logits(model: nn.Module, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",
                    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
                    desc: str | None = None) -> np.ndarray:
     """All logits (n, k) of a dataset, float32, in its order, in eval mode (the model's mode is
     restored afterwards). `scale_shift` renormalises inputs first; `desc` shows a progress bar."""
+    return _predict(model, model, dataset, batch_size, device, scale_shift, desc).numpy()
+
+
+def predict_features(model: SLCNet, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",
+                     scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     desc: str | None = None) -> torch.Tensor:
+    """The backbone's features (n, d) of a dataset, as `predict_logits` computes its logits: what
+    many-class scoring computes once and then multiplies by the head in chunks of classes."""
+    return _predict(model, model.features, dataset, batch_size, device, scale_shift, desc)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int,
+             device: torch.device | str, scale_shift: tuple[torch.Tensor, torch.Tensor] | None,
+             desc: str | None) -> torch.Tensor:
     scale, shift = scale_shift if scale_shift is not None else (1.0, 0.0)
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    chunks = [model((images * scale + shift).to(device)).float().cpu().numpy()
+    chunks = [forward((images * scale + shift).to(device)).float().cpu()
               for images, _ in tqdm(loader, desc=desc, leave=False, disable=None if desc else True)]
     model.train(was_training)
-    return np.concatenate(chunks)
+    return torch.cat(chunks)

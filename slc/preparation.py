@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from slc.config import DataConfig
-from slc.data import DatasetError, RawDataset, Split, load_image, load_raw
+from slc.data import DatasetError, RawDataset, Split, compose, load_image, load_raw
 from slc.files import sha256
 
 STATS_SAMPLE = 2000  # images read from disk to estimate normalisation of an indexed dataset
@@ -65,15 +65,18 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 def _take(split: Split, index: np.ndarray) -> Split:
     return Split(labels=split.labels[index],
                  images=None if split.images is None else split.images[index],
-                 paths=None if split.paths is None else [split.paths[i] for i in index])
+                 paths=None if split.paths is None else [split.paths[i] for i in index],
+                 parts=None if split.parts is None else split.parts[index], pool=split.pool)
 
 
 def normalisation(train: Split, image_size: int, seed: int) -> tuple[list[float], list[float], float]:
     """Per-channel mean and std of the training images on the [0, 1] scale, and that scale."""
+    pick = np.random.default_rng(seed).permutation(len(train))[:STATS_SAMPLE]
     if train.images is not None:
         images = train.images
+    elif train.parts is not None:
+        images = compose(train.pool, train.parts[pick])
     else:
-        pick = np.random.default_rng(seed).permutation(len(train))[:STATS_SAMPLE]
         images = np.stack([load_image(train.paths[i], image_size) for i in tqdm(pick, desc="stats", disable=None)])
     scale = 255.0 if images.dtype == np.uint8 else 1.0
     pixels = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1)
@@ -82,9 +85,14 @@ def normalisation(train: Split, image_size: int, seed: int) -> tuple[list[float]
     return mean.round(6).tolist(), np.maximum(std, 1e-6).round(6).tolist(), scale
 
 
-
-
 def write_split(out: Path, name: str, split: Split) -> list[Path]:
+    if split.parts is not None:  # the pool is shared by every split: written once
+        pool = out / "pool_images.npy"
+        if not pool.exists():
+            np.save(pool, np.ascontiguousarray(split.pool))
+        np.save(out / f"{name}_parts.npy", split.parts)
+        np.save(out / f"{name}_labels.npy", split.labels)
+        return [pool, out / f"{name}_parts.npy", out / f"{name}_labels.npy"]
     if split.images is not None:
         np.save(out / f"{name}_images.npy", np.ascontiguousarray(split.images))
         np.save(out / f"{name}_labels.npy", split.labels)
@@ -99,25 +107,30 @@ def prepare(cfg: DataConfig, out: Path) -> dict:
     raw = load_raw(cfg)
     validate(raw)
     train = subsample(raw.train, cfg.train_limit, cfg.seed)
-    train, val = carve_validation(train, cfg.val_fraction, cfg.seed)
+    train, val = carve_validation(train, cfg.val_fraction, cfg.seed) if raw.val is None else (train, raw.val)
     mean, std, scale = normalisation(train, cfg.image_size, cfg.seed)
     splits = {"train": train, "val": val, "test": raw.test}
-    shape = list(train.images.shape[1:]) if train.images is not None else [3, cfg.image_size, cfg.image_size]
+    if train.images is not None:
+        shape, storage = list(train.images.shape[1:]), "arrays"
+    elif train.parts is not None:
+        shape, storage = list(compose(train.pool, train.parts[:1]).shape[1:]), "tuples"
+    else:
+        shape, storage = [3, cfg.image_size, cfg.image_size], "index"
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        written = [f for name, split in splits.items() for f in write_split(tmp, name, split)]
+        written = list(dict.fromkeys(f for name, split in splits.items() for f in write_split(tmp, name, split)))
         meta = {
             "dataset": cfg.name,
             "class_names": raw.class_names,
             "num_classes": len(raw.class_names),
             "input_shape": shape,
-            "storage": "arrays" if train.images is not None else "index",
+            "storage": storage,
             "pixel_scale": scale,
             "normalisation": {"mean": mean, "std": std},
             "splits": {name: len(split) for name, split in splits.items()},
-            "val_fraction": cfg.val_fraction,
+            "val_fraction": cfg.val_fraction if raw.val is None else None,
             "seed": cfg.seed,
             "source": raw.source,
             "source_files": {str(f): sha256(f) for f in raw.files},

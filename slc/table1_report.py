@@ -13,7 +13,7 @@ import numpy as np
 from tabulate import tabulate
 
 from slc.files import write_json
-from slc.metrics import recall_key
+from slc.metrics import MIN_RELATIVE_BASE, recall_key
 
 # The paper's Table 1 (1-AUPRC, 1-P@0.9, 1-P@0.99): mean non-PoLS, mean PoLS, relative improvement.
 PAPER_TABLE1: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = {
@@ -35,12 +35,6 @@ def error_names(recalls: list[float]) -> list[str]:
     return ["1-auprc", *(f"1-p_at_{recall_key(r)}" for r in recalls)]
 
 
-
-
-
-
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
@@ -58,9 +52,15 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
-# Table 1's bold rows: label, key in slc.json's summary, format, row of PAPER_TABLE1.
-SUMMARY_ROWS = (("mean non-PoLS", "non_pols", _fmt, 0), ("mean PoLS", "pols", _fmt, 1),
-                ("relative improvement", "relative_improvement", _fmt_gain, 2))
+def _absolute(errors: dict) -> float:
+    return errors["non_pols"] - errors["pols"]
+
+
+# Table 1's bold rows: label, the figure from one error's slc.json summary, format, row of PAPER_TABLE1
+# (None: the paper has no such row).
+SUMMARY_ROWS = (("mean non-PoLS", lambda e: e["non_pols"], _fmt, 0), ("mean PoLS", lambda e: e["pols"], _fmt, 1),
+                ("absolute improvement", _absolute, _fmt, None),
+                ("relative improvement", lambda e: e["relative_improvement"], _fmt_gain, 2))
 
 
 def table1_title(settings: dict) -> str:
@@ -71,11 +71,14 @@ def settings_markdown(settings: dict) -> str:
     """What the errors were measured on; `settings` has dataset, evaluated_on, model, epochs,
     seeds, recalls, test_size (evaluate's settings)."""
     paper = NEAREST_PAPER_DATASET.get(settings["dataset"])
+    k, scored = settings.get("num_classes"), settings.get("scored_classes")
+    over = (f"a seeded sample of {scored:,} of the {k:,} classes, each ranked over every test image"
+            if scored is not None and scored < k else "classes")
     return "\n".join([
         f"- trained on: {settings['dataset']}; evaluated on: {settings['evaluated_on']}",
         f"- model: {settings['model']}; epochs: {settings['epochs']}; seeds: {settings['seeds']}",
         f"- errors are 1 - x on the test split ({settings['test_size']} images), averaged over "
-        f"classes; a loss's row is the mean ± std over its seeds",
+        f"{over}; a loss's row is the mean ± std over its seeds",
         "- paper: Keren, Sabato & Schuller, ICDM 2018, Table 1, "
         + (f"nearest dataset {paper} ({PAPER_COLUMNS})" if paper else "no comparable dataset")])
 
@@ -92,10 +95,15 @@ def errors_markdown(slc: dict, names: list[str], aligned: set[str], paper: str |
              *([""] if paper else [])] for loss, row in slc["losses"].items()]
     summary = slc["summary"]
     if summary:
-        for label, key, fmt, paper_index in SUMMARY_ROWS:
-            paper_cell = [" / ".join(fmt(x) for x in PAPER_TABLE1[paper][paper_index])] if paper else []
-            rows.append([f"**{label}**", "", *(fmt(summary[n][key]) for n in names), *paper_cell])
-        return _table(rows, headers)
+        for label, figure, fmt, paper_index in SUMMARY_ROWS:
+            paper_cell = [] if not paper else [""] if paper_index is None else \
+                [" / ".join(fmt(x) for x in PAPER_TABLE1[paper][paper_index])]
+            rows.append([f"**{label}**", "", *(fmt(figure(summary[n])) for n in names), *paper_cell])
+        small = [n for n in names if summary[n]["relative_improvement"] is None]
+        note = (f"\n\nRelative improvement n/a for {', '.join(small)}: the non-aligned error is below "
+                f"{MIN_RELATIVE_BASE}, too small to divide by (the absolute improvement is the figure to read)."
+                if small else "")
+        return _table(rows, headers) + note
     return (f"{_table(rows, headers)}\n\nNo PoLS summary: it needs at least one finished PoLS-aligned and one "
             f"non-aligned loss (aligned: {', '.join(sorted(aligned))}).")
 

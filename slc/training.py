@@ -20,17 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from slc.candidates import draw_candidates
 from slc.config import ConfigError, ModelConfig, TrainConfig
 from slc.data import PreparedData
 from slc.losses import make_loss
-from slc.metrics import slc_metrics
-from slc.models import build_model, predict_logits
+from slc.models import SLCNet, build_model, predict_features
+from slc.scoring import Head, class_sample, score_classes
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,54 @@ class NonFiniteLoss(ArithmeticError):
     pass
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+# What updates the head's sparse gradient in sampled training: lazy Adam (the moments of a row move
+# only when the row is a candidate); SGD without momentum, which is the same lazy or not.
+SPARSE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.SparseAdam,
+    "adamw": torch.optim.SparseAdam,
+    "sgd": torch.optim.SGD,
+}
+
+
+def make_optimizers(model: SLCNet, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """One optimizer for all parameters; in sampled training, one for the backbone and one for the
+    head's sparse gradient, which touches only the candidate rows."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown train.optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.candidates is None:
+        return [OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    head = list(model.head.parameters())
+    backbone = [p for p in model.parameters() if all(p is not h for h in head)]
+    return [OPTIMIZERS[cfg.optimizer](backbone, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            SPARSE_OPTIMIZERS[cfg.optimizer](head, lr=cfg.lr)]
+
+
+def check_trainable(config: RunConfig, data: PreparedData) -> None:
+    """Refuse, before any work, settings that cannot train: a candidate count above k, a loss that
+    has no sampled form for them, a head or a step's logits that will not fit in memory."""
+    cfg, k = config.train, data.num_classes
+    if cfg.candidates is not None:
+        if cfg.candidates > k:
+            raise ConfigError(f"train.candidates = {cfg.candidates} is above the {k} classes of {data.root}: "
+                              f"use at most {k} (= every class), or null for the exact losses")
+        if config.loss == "nce" and cfg.nce_noise != "uniform":
+            raise ConfigError("sampled nce draws its noise from the step's uniform candidates: set "
+                              "train.nce_noise: uniform, or train.candidates: null for frequency noise")
+        if cfg.weight_decay > 0:
+            raise ConfigError("sampled training updates head rows lazily with a sparse optimizer, which has no "
+                              "weight decay: set train.weight_decay: 0, or train.candidates: null")
+    width = build_model(config.model, data.input_shape, 1).head.in_features
+    copies = 4 if cfg.optimizer != "sgd" else 3  # weights, gradient, and Adam's two moments or momentum
+    head_bytes = copies * 4 * (width + 1) * k
+    scored = k if cfg.candidates is None else min(k, cfg.batch_size + cfg.candidates)
+    step_bytes = 3 * 4 * cfg.batch_size * scored  # logits, their gradient, one loss temporary
+    available = psutil.virtual_memory().available
+    if head_bytes + step_bytes > available:
+        hint = "set train.candidates (e.g. 1024) to score a sample of classes per step" if cfg.candidates is None \
+            else "use fewer classes or a narrower model"
+        raise ConfigError(f"{config.run_name}: a {width}-wide head over {k:,} classes needs ~{head_bytes / 2**30:.1f} GiB "
+                          f"and each step's logits ~{step_bytes / 2**30:.1f} GiB, but {available / 2**30:.1f} GiB "
+                          f"is available: {hint}")
 
 
 def _is_main_process() -> bool:
@@ -160,6 +206,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
     started = time.perf_counter()
     workdir = Path(workdir)
     cfg = config.train
+    check_trainable(config, data)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes)
@@ -173,10 +220,13 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         model.load_state_dict(state["model"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-    model = wrap_model(model.to(device))
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizers = make_optimizers(model.to(device), cfg)
+    model = wrap_model(model)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        for optimizer, saved in zip(optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+    step = _sampled_step(cfg.candidates, data.num_classes, generator) if cfg.candidates else _exact_step
+    val_classes = class_sample(data.num_classes, cfg.val_classes)
     history = [EpochReport(**row) for row in state["history"]] if state is not None else []
     loader = wrap_loader(DataLoader(train_split, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                                     drop_last=len(train_split) > cfg.batch_size))
@@ -185,23 +235,25 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle every epoch
         try:
-            epoch_loss, epoch_samples, seconds = _train_epoch(model, loader, loss_fn, optimizer, device,
+            epoch_loss, epoch_samples, seconds = _train_epoch(model, loader, step, loss_fn, optimizers, device,
                                                               f"{config.run_name} epoch {epoch}/{cfg.epochs}",
                                                               progress and _is_main_process())
         except NonFiniteLoss as failure:
             error = f"epoch {epoch}: {failure}"
             break
         samples, train_seconds = samples + epoch_samples, train_seconds + seconds
-        val = slc_metrics(predict_logits(model, val_split, device=device), val_split.labels)
+        net = getattr(model, "module", model)
+        val = score_classes(predict_features(net, val_split, device=device), val_split.labels, Head.of(net.head),
+                            val_classes, recalls=(), hist_bins=1)
         main = _is_main_process()
         checkpoint_dir = _checkpoint_dir(workdir, epoch) if main else None
-        report = EpochReport(epoch, epoch_loss, val["accuracy"], val["mean_auprc"], seconds,
+        report = EpochReport(epoch, epoch_loss, val.accuracy, val.means["mean_auprc"], seconds,
                              epoch_samples / seconds, str(checkpoint_dir) if main else None)
         history.append(report)
         if main:
             _save_checkpoint(checkpoint_dir, {
                 "config": _fingerprint(config), "model": getattr(model, "module", model).state_dict(),
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "optimizers": [o.state_dict() for o in optimizers], "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(r) for r in history]})
         if progress and main:
             log.info("%s epoch %d/%d: train loss %.4f, val accuracy %.4f, val mean AUPRC %.4f (%.1f s)",
@@ -214,23 +266,40 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
                        getattr(model, "module", model))
 
 
-def _train_epoch(model, loader, loss_fn, optimizer, device, description: str,
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]
+
+
+def _exact_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
+    return loss_fn(model(images), labels)
+
+
+def _sampled_step(candidates: int, num_classes: int, generator: torch.Generator) -> Step:
+    """A step on the batch's classes plus `candidates` negatives (slc.candidates), from `generator`."""
+    def step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
+        drawn = draw_candidates(labels, num_classes, candidates, generator)
+        return loss_fn(model(images, drawn.classes), drawn.targets, candidates=drawn)
+    return step
+
+
+def _train_epoch(model, loader, step: Step, loss_fn, optimizers, device, description: str,
                  progress: bool) -> tuple[float, int, float]:
     """One pass over the loader: (mean loss across processes, local samples, seconds)."""
     model.train()
     start = time.perf_counter()
     total, count, samples = 0.0, 0, 0
     bar = tqdm(loader, desc=description, disable=None if progress else True, leave=False)
-    for step, (images, labels) in enumerate(bar, start=1):
+    for number, (images, labels) in enumerate(bar, start=1):
         images, labels = images.to(device), labels.to(device)
-        loss = loss_fn(model(images), labels)
+        loss = step(model, images, labels, loss_fn)
         if not _finite_everywhere(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at step {step} of {len(loader)}")
-        optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {number} of {len(loader)}")
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         total, count, samples = total + loss.item(), count + 1, samples + len(labels)
-        if step % 50 == 0:
+        if number % 50 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}")
     return _mean_across_processes(total, count, device), samples, time.perf_counter() - start
 

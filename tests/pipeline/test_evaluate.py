@@ -16,6 +16,7 @@ from slc.metrics import slc_metrics
 from slc.models import save_trained
 from slc.preparation import prepare
 from slc.records import RecordError, read_trials
+from slc.scoring import Head
 from slc.training import RunConfig, train_one, trained_info
 from tests.conftest import shrunken
 
@@ -36,10 +37,18 @@ def separable_logits(labels: np.ndarray, k: int, overlap: bool, seed: int = 0) -
     return logits.astype(np.float32)
 
 
+def from_logits(val: np.ndarray, val_labels, test: np.ndarray, test_labels, hist_bins: int = 20,
+                classes=None) -> evaluation.RunResult:
+    """evaluate_features on logits given as features with an identity head (x * 1 + 0 is exact)."""
+    k = val.shape[1]
+    return evaluation.evaluate_features(torch.from_numpy(val), val_labels, torch.from_numpy(test), test_labels,
+                                        Head(torch.eye(k), torch.zeros(k)), classes, RECALLS, hist_bins)
+
+
 def test_thresholds_are_chosen_on_validation_and_measured_on_test():
     val_labels, test_labels = np.arange(40) % 4, np.arange(80) % 4
     val, test = separable_logits(val_labels, 4, True, 1), separable_logits(test_labels, 4, True, 2)
-    result = evaluation.evaluate_logits(val, val_labels, test, test_labels, RECALLS, hist_bins=10)
+    result = from_logits(val, val_labels, test, test_labels, hist_bins=10)
     expected = slc_metrics(val, val_labels, RECALLS)["threshold_at_recall_0.9"]
     np.testing.assert_array_equal(result.thresholds["0.9"], expected)
     positives = test[np.arange(80), test_labels][test_labels == 0]
@@ -54,7 +63,7 @@ def test_pols_aligned_losses_beat_the_others_when_their_logits_separate():
         for seed in (0, 1):
             run = f"{loss}-s{seed}"
             logits = separable_logits(labels, 5, overlap, seed)
-            results[run] = evaluation.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)
+            results[run] = from_logits(logits, labels, logits, labels)
             losses.setdefault(loss, []).append(run)
     slc = evaluation.summarise_runs(results, losses, RECALLS)
     assert slc["summary"]["1-auprc"]["pols"] == 0.0 < slc["summary"]["1-auprc"]["non_pols"]
@@ -66,7 +75,7 @@ def test_pols_aligned_losses_beat_the_others_when_their_logits_separate():
 def test_no_summary_without_both_kinds_of_loss():
     labels = np.arange(50) % 5
     logits = separable_logits(labels, 5, True)
-    results = {"ce-s0": evaluation.evaluate_logits(logits, labels, logits, labels, RECALLS, 20)}
+    results = {"ce-s0": from_logits(logits, labels, logits, labels)}
     assert evaluation.summarise_runs(results, {"ce": ["ce-s0"]}, RECALLS)["summary"] == {}
 
 

@@ -1,5 +1,6 @@
 """One training run: it learns, it is reproducible, it resumes, and it fails softly."""
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from slc import losses
+from slc import losses, training
 from slc.config import ConfigError
 from slc.data import PreparedData
 from slc.metrics import slc_metrics
@@ -158,3 +159,43 @@ def test_the_paper_mlp_learns_fashion_mnist_from_5000_images_in_two_epochs(fashi
     metrics = slc_metrics(predict_logits(result.model, test), test.labels)
     assert result.status == "finished"
     assert metrics["accuracy"] > 0.75
+
+
+# ---------- sampled training (train.candidates) ----------
+
+def test_a_seeded_sampled_run_is_reproducible(tiny, tmp_path, tiny_run):
+    runs = [train_one(tiny_run("bce", candidates=2), tiny, tmp_path / name, progress=False) for name in "ab"]
+    assert runs[0].status == "finished"
+    assert_same_weights(weights(runs[0].model), weights(runs[1].model))
+
+
+def test_with_every_class_a_candidate_sampled_training_follows_exact_training(tiny, tmp_path, tiny_run):
+    """One epoch (the shuffle is drawn before any candidate): the same losses and gradients, SparseAdam
+    on the head instead of Adam, which is the same update when every row takes part in every step."""
+    exact = train_one(tiny_run("batch_ce", epochs=1), tiny, tmp_path / "exact", progress=False)
+    every = train_one(tiny_run("batch_ce", epochs=1, candidates=5), tiny, tmp_path / "every", progress=False)
+    assert every.history[0].train_loss == pytest.approx(exact.history[0].train_loss, abs=1e-6)
+    for name, value in weights(exact.model).items():
+        torch.testing.assert_close(weights(every.model)[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("loss, train, message", [
+    ("ce", {"candidates": 6}, "train.candidates = 6 is above the 5 classes"),
+    ("nce", {"candidates": 2, "nce_noise": "frequency"}, "set train.nce_noise: uniform"),
+    ("ce", {"candidates": 2, "weight_decay": 0.1}, "set train.weight_decay: 0"),
+])
+def test_sampled_settings_that_cannot_train_are_refused_before_any_work(tiny, tmp_path, tiny_run, loss, train, message):
+    with pytest.raises(ConfigError, match=message):
+        train_one(tiny_run(loss, **train), tiny, tmp_path, progress=False)
+    assert not list(tmp_path.iterdir()), "nothing was written"
+
+
+def test_a_head_too_big_for_memory_is_refused_with_the_estimate(tiny, tmp_path, tiny_run, monkeypatch):
+    monkeypatch.setattr(training.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    with pytest.raises(ConfigError, match=r"16-wide head over 5 classes needs ~.* GiB .* set train.candidates"):
+        train_one(tiny_run(), tiny, tmp_path, progress=False)
+
+
+def test_validation_over_a_sample_of_classes(tiny, tmp_path, tiny_run):
+    result = train_one(tiny_run("bce", epochs=1, val_classes=2), tiny, tmp_path, progress=False)
+    assert 0 <= result.history[0].val_accuracy <= 1 and 0 < result.history[0].val_mean_auprc <= 1
