@@ -263,3 +263,20 @@ def test_data_with_other_classes_is_refused_with_the_names(grid, tmp_path, param
     (other / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(evaluation.EvaluateError, match=r"first difference at class 3.*same classes"):
         run_direct(root, trials, other, tmp_path / "out", params)
+
+
+def test_over_a_sample_of_classes_every_class_still_gets_a_threshold_and_its_test_recall():
+    rng = np.random.default_rng(5)
+    val_labels, test_labels = np.arange(300) % 30, rng.integers(0, 30, 300)
+    val, test = separable_logits(val_labels, 30, True, 1), separable_logits(test_labels, 30, True, 2)
+    every = from_logits(val, val_labels, test, test_labels)
+    classes = np.array([2, 3, 17])
+    sample = from_logits(val, val_labels, test, test_labels, classes=classes)
+    assert sample.thresholds == every.thresholds  # from validation positives only
+    for key in ("0.9", "0.99"):
+        precision = np.array(sample.thresholds_test[key]["precision"], dtype=float)
+        np.testing.assert_array_equal(precision[classes], np.array(every.thresholds_test[key]["precision"])[classes])
+        assert np.isnan(np.delete(precision, classes)).all()  # needs every image's logit: only sampled classes
+        np.testing.assert_array_equal(sample.thresholds_test[key]["recall"], every.thresholds_test[key]["recall"])
+    auprc = 1 - slc_metrics(test, test_labels)["auprc"][classes].mean()
+    assert sample.metrics["1-auprc"] == pytest.approx(auprc)

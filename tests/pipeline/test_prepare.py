@@ -200,3 +200,53 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     assert first["num_classes"] == 10 and first["input_shape"] == [1, 28, 28]
     assert first["checksums"] == second["checksums"]
     assert first["source_files"] == second["source_files"] and len(first["source_files"]) == 4
+
+
+# ---- tuples: many classes of real pictures ----
+
+def tuples_config(tmp_path, **changes):
+    cfg = config(tmp_path, name="tuples")
+    return dataclasses.replace(cfg, tuples=dataclasses.replace(cfg.tuples, **changes))
+
+
+def test_a_tuple_class_is_its_fashion_mnist_items_side_by_side(tmp_path, offline):
+    raw = write_idx_gz(tmp_path / "raw" / "FashionMNIST" / "raw", n_train=60, n_test=20)
+    meta = prepare(tuples_config(tmp_path, num_classes=1000, train_per_class=2), tmp_path / "prepared")
+    assert meta["num_classes"] == 1000 and meta["input_shape"] == [1, 28, 84] and meta["storage"] == "tuples"
+    assert meta["splits"] == {"train": 2000, "val": 1000, "test": 1000} and meta["class_names"][307] == "307"
+    prepared = PreparedData(tmp_path / "prepared")
+    pool = np.load(tmp_path / "prepared" / "pool_images.npy")
+    items = torchvision.datasets.FashionMNIST(str(tmp_path / "raw"), train=False)
+    for split, first_item in (("train", 0), ("test", 60)):  # test items come from Fashion-MNIST's test images
+        s = prepared.split(split)
+        parts = np.load(tmp_path / "prepared" / f"{split}_parts.npy")
+        i = int(np.flatnonzero(s.labels == 307)[0])
+        image, label = s[i]
+        assert int(label) == 307 and image.shape == (1, 28, 84)
+        pixels = np.concatenate([pool[p][0] for p in parts[i]], axis=1)
+        expected = (pixels / 255.0 - meta["normalisation"]["mean"][0]) / meta["normalisation"]["std"][0]
+        np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-5)
+        assert [int(p) >= first_item for p in parts[i]] == [True] * 3
+        if split == "test":
+            assert [int(items.targets[p - 60]) for p in parts[i]] == [3, 0, 7]  # the digits of class 307
+
+
+def test_tuples_are_seeded_and_a_long_tail_skews_training_only(tmp_path, offline):
+    write_idx_gz(tmp_path / "raw" / "FashionMNIST" / "raw", n_train=60, n_test=20)
+    cfg = tuples_config(tmp_path, num_classes=100, train_per_class=4, long_tail=1.0)
+    first, second = prepare(cfg, tmp_path / "a"), prepare(cfg, tmp_path / "b")
+    assert first["checksums"] == second["checksums"]
+    counts = np.bincount(np.load(tmp_path / "a" / "train_labels.npy"), minlength=100)
+    assert counts.min() >= 1 and counts.max() > 10 * np.median(counts) and abs(counts.sum() - 400) < 60
+    assert (np.bincount(np.load(tmp_path / "a" / "test_labels.npy")) == 1).all()
+
+
+def test_tuples_need_the_fashion_mnist_files(tmp_path, offline):
+    with pytest.raises(DatasetError, match="FashionMNIST is missing"):
+        prepare(tuples_config(tmp_path, num_classes=100), tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_tuples_setting_out_of_range_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.tuples\.long_tail = -1\.0 is invalid"):
+        tuples_config(tmp_path, long_tail=-1.0)

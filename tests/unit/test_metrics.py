@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from slc import metrics
-from slc.metrics import logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
+from slc.metrics import MIN_RELATIVE_BASE, logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
 
 RECALLS = (0.5, 0.9, 0.99)
 
@@ -199,11 +199,32 @@ def test_relative_improvement_is_non_minus_pols_over_non():
     assert error["relative_improvement"] == pytest.approx((0.3 - 0.2) / 0.3)
 
 
-def test_relative_improvement_is_none_when_non_aligned_losses_are_perfect():
-    summary = pols_summary({"ce": {"mean_auprc": 1.0}, "bce": {"mean_auprc": 0.9}}, {"bce"})
+@pytest.mark.parametrize("ce_auprc", [1.0, 0.999])
+def test_relative_improvement_is_none_when_non_aligned_errors_are_too_small_to_divide_by(ce_auprc):
+    summary = pols_summary({"ce": {"mean_auprc": ce_auprc}, "bce": {"mean_auprc": 0.111}}, {"bce"})
     assert summary["error"]["auprc"]["relative_improvement"] is None
+    assert summary["error"]["auprc"]["non_pols"] < MIN_RELATIVE_BASE
 
 
 def test_pols_summary_needs_both_kinds_of_loss():
     with pytest.raises(ValueError, match="at least one PoLS-aligned and one non-aligned"):
         pols_summary({"bce": {"mean_auprc": 0.9}}, aligned={"bce"})
+
+
+def test_metrics_over_a_subset_of_columns_are_those_columns_of_the_full_metrics():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 12, 300)
+    logits = rng.normal(size=(300, 12)).round(1)  # ties
+    logits[np.arange(300), labels] += 1.5
+    classes = np.array([0, 4, 5, 11])
+    full, part = slc_metrics(logits, labels, (0.9,)), slc_metrics(logits[:, classes], labels, (0.9,), classes=classes)
+    for key in ("auprc", "precision_at_recall_0.9", "threshold_at_recall_0.9"):
+        np.testing.assert_array_equal(part[key], full[key][classes])
+    assert "accuracy" not in part
+    thresholds = full["threshold_at_recall_0.9"]
+    full_pr = precision_recall_at(logits, labels, thresholds)
+    part_pr = precision_recall_at(logits[:, classes], labels, thresholds[classes], classes=classes)
+    for whole, sub in zip(full_pr, part_pr):
+        np.testing.assert_array_equal(sub, whole[classes])
+    hist = logit_histograms(logits[:, classes], labels, 10, classes=classes)
+    assert hist["true"].sum() == np.isin(labels, classes).sum() and hist["true"].sum() + hist["false"].sum() == 300 * 4

@@ -34,3 +34,25 @@ def test_failed_trials_are_listed_with_the_last_line_of_their_error():
 def test_without_a_pols_summary_the_table_says_why():
     text = errors_markdown({**SLC, "summary": {}}, error_names([0.9, 0.99]), POLS_ALIGNED, None)
     assert "No PoLS summary" in text and "**mean PoLS**" not in text
+
+
+def test_the_absolute_improvement_sits_beside_the_relative_one():
+    table = rows(table1_markdown(SLC, SETTINGS, [], POLS_ALIGNED))
+    errors = SLC["summary"]["1-auprc"]
+    assert table["**absolute improvement**"][1] == f"{errors['non_pols'] - errors['pols']:.3f}"
+    assert table["**absolute improvement**"][-1] == ""  # the paper gives none
+
+
+def test_a_relative_improvement_over_a_tiny_error_is_n_a_with_the_reason():
+    summary = {name: {"non_pols": 0.001, "pols": 0.889, "relative_improvement": None} for name in SLC["summary"]}
+    text = errors_markdown({**SLC, "summary": summary}, error_names([0.9, 0.99]), POLS_ALIGNED, None)
+    assert rows(text)["**relative improvement**"] == ["", "n/a", "n/a", "n/a"]
+    assert rows(text)["**absolute improvement**"] == ["", "-0.888", "-0.888", "-0.888"]
+    assert "too small to divide by" in text
+
+
+def test_the_settings_say_when_errors_are_over_a_sample_of_classes():
+    sampled = {**SETTINGS, "num_classes": 400000, "scored_classes": 1000}
+    assert "a seeded sample of 1,000 of the 400,000 classes" in table1_markdown(SLC, sampled, [], POLS_ALIGNED)
+    every = {**SETTINGS, "num_classes": 10, "scored_classes": 10}
+    assert "averaged over classes;" in table1_markdown(SLC, every, [], POLS_ALIGNED)
