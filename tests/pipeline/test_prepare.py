@@ -210,7 +210,7 @@ def tuples_config(tmp_path, **changes):
 
 
 def test_a_tuple_class_is_its_fashion_mnist_items_side_by_side(tmp_path, offline):
-    raw = write_idx_gz(tmp_path / "raw" / "FashionMNIST" / "raw", n_train=60, n_test=20)
+    write_idx_gz(tmp_path / "raw" / "FashionMNIST" / "raw", n_train=60, n_test=20)
     meta = prepare(tuples_config(tmp_path, num_classes=1000, train_per_class=2), tmp_path / "prepared")
     assert meta["num_classes"] == 1000 and meta["input_shape"] == [1, 28, 84] and meta["storage"] == "tuples"
     assert meta["splits"] == {"train": 2000, "val": 1000, "test": 1000} and meta["class_names"][307] == "307"

@@ -3,7 +3,15 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from slc import metrics
-from slc.metrics import MIN_RELATIVE_BASE, logit_histograms, pols_summary, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
+from slc.metrics import (
+    MIN_RELATIVE_BASE,
+    logit_histograms,
+    pols_summary,
+    pr_curve_mean,
+    precision_recall_at,
+    recall_key,
+    slc_metrics,
+)
 
 RECALLS = (0.5, 0.9, 0.99)
 
