@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint lock ui serve data
+.PHONY: run test test-fast lint lock ui ui-screenshot serve data
 
 run: $(VENV)/.installed data
 	dvc repro
@@ -21,8 +21,17 @@ test-fast: lint
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# The MLflow UI on the pipeline's store (mlflow.tracking_uri), at http://127.0.0.1:5000; the link it
+# prints opens the experiment on its runs. ui-screenshot saves that page as headless Chromium draws it.
 ui: $(VENV)/.installed
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(PYTHON) -m pipeline.ui
+
+ui-screenshot: $(VENV)/.installed
+	$(PYTHON) -m pipeline.ui --port 5055 --screenshot docs/mlflow_runs.png
+
+# The many-class scaling study (about 40 min on 2 cores): metrics/scaling.json, results/scaling.md, plots/scaling.png
+scaling: $(VENV)/.installed data
+	$(PYTHON) -m pipeline.scaling
 
 serve: $(VENV)/.installed
 	$(PYTHON) -m pipeline.serve

@@ -10,6 +10,7 @@ from slc.data import PreparedData
 from slc.errors import run_stage
 from slc.exporting import export_runs, log_to_mlflow
 from slc.records import read_trials
+from slc.registry import register_best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,13 +21,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="data/prepared", help="test images to verify the exports on")
     parser.add_argument("--out", default="exports", help="gets one <run_name>/ per exported run")
     parser.add_argument("--trials", default="results/trials.json", help="the trials' MLflow run ids")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the trials' MLflow runs")
+    parser.add_argument("--metrics", default="metrics/export.json", help="gets each export's wall time and bytes")
+    parser.add_argument("--evaluation", default="metrics/slc.json", help="evaluate's metrics: which export to register")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to the trials' MLflow runs nor register")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    manifests = export_runs(params.export, Path(args.models), Path(args.thresholds), Path(args.data), Path(args.out))
+    manifests = export_runs(params.export, Path(args.models), Path(args.thresholds), Path(args.data), Path(args.out),
+                            Path(args.metrics))
     if not args.no_mlflow:
         log_to_mlflow(tracking.tracking_uri(params.mlflow), read_trials(Path(args.trials)), Path(args.out),
                       manifests, PreparedData(args.data))
+        if params.export.registered_model is not None:
+            register_best(tracking.tracking_uri(params.mlflow), params.mlflow.experiment, params.export,
+                          Path(args.evaluation), Path(args.out), read_trials(Path(args.trials)))
     for run, manifest in manifests.items():
         worst = max(manifest.max_abs_diff.values())
         size = sum(entry["bytes"] for entry in manifest.files.values())

@@ -2,27 +2,33 @@
 
     slc score EXPORT_DIR --class 3 shirt.png boot.jpg batch.npy [--json]
     slc info EXPORT_DIR [--json]
-    slc serve EXPORT_DIR [--host 127.0.0.1] [--port 8000] [--max-batch 256] [--request-threads N] [--onnx-threads N]
+    slc serve EXPORT_DIR [EXPORT_DIR ...] [--default-run RUN] [--host 127.0.0.1] [--port 8000] [--max-batch 256]
+              [--request-threads N] [--onnx-threads N] [--batch-wait-ms MS] [--token-file PATH]
 
-Exit codes: 0 done, 2 bad arguments, 3 a missing or tampered export (`EXIT_CODES`), 4 images or
-a class that cannot be scored. The `serve` defaults are those of params.yaml's `serving` section;
-`make serve` passes that section's values explicitly.
+`slc serve` takes exports (exports/<run>), directories of them (exports/) or registered exports of the
+MLflow Model Registry (models:/slc@champion, serving.registry) and serves every run.
+Exit codes: 0 done, 2 bad arguments or settings, 3 a missing or tampered export (`EXIT_CODES`),
+4 images, a class or a run that cannot be scored. The `serve` defaults are those of params.yaml's
+`serving` section; `make serve` passes that section's values explicitly.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from serving.errors import ExportError, InputError, UnknownClassError
+from serving.auth import ENV as TOKEN_ENV
+from serving.auth import read_token
+from serving.errors import ExportError, InputError, SetupError, UnknownClassError
 from serving.images import decode
 from serving.model import GRAPHS, SingleLogitModel
 
 # Error type -> exit status, most specific first (argparse itself exits with 2).
-EXIT_CODES: dict[type[Exception], int] = {ExportError: 3, InputError: 4}
+EXIT_CODES: dict[type[Exception], int] = {SetupError: 2, ExportError: 3, InputError: 4}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +57,12 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("export_dir", type=Path)
     info.add_argument("--json", action="store_true", help="print the full description as JSON")
     info.set_defaults(run=run_info)
-    serve = commands.add_parser("serve", help="serve the export over HTTP with uvicorn (OpenAPI docs at /docs)")
-    serve.add_argument("export_dir", type=Path)
+    serve = commands.add_parser("serve", help="serve exports over HTTP with uvicorn (OpenAPI docs at /docs)")
+    serve.add_argument("sources", nargs="+", metavar="EXPORT_DIR",
+                       help="an export (exports/<run>), a directory of them (exports/), or a registered one "
+                            "(models:/<name>@<alias> or models:/<name>/<version>); each run is served")
+    serve.add_argument("--default-run", default=None, metavar="RUN",
+                       help="the run answered at /v1/classes/... (default: the first)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=positive, default=8000)
     serve.add_argument("--max-batch", type=positive, default=256, help="images taken per request at most")
@@ -60,6 +70,11 @@ def parser() -> argparse.ArgumentParser:
                        help="requests decoded and scored at once (default: one per CPU)")
     serve.add_argument("--onnx-threads", type=positive, default=None,
                        help="onnxruntime intra-op threads per inference (default: onnxruntime's, one per core)")
+    serve.add_argument("--batch-wait-ms", type=positive_ms, default=None, metavar="MS",
+                       help="share onnxruntime calls between concurrent requests, each waiting at most MS ms "
+                            "for others (default: no batching)")
+    serve.add_argument("--token-file", default=None, metavar="PATH",
+                       help=f"require the bearer token in this file's first line ({TOKEN_ENV} wins over it)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve)
     for command in (score, info, serve):
@@ -73,6 +88,18 @@ def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def positive_ms(text: str) -> float:
+    """argparse type of a wait: 0 would be no wait, so leave the flag out for that."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of milliseconds (leave the flag "
+                                         f"out to serve without batching)")
+    return value
 
 
 def run_score(args) -> int:
@@ -144,13 +171,36 @@ def run_info(args) -> int:
 def run_serve(args) -> int:
     import uvicorn
 
+    from serving.batching import Batching
     from serving.http import create_app
-    model = SingleLogitModel.load(args.export_dir, graph=args.graph, max_batch=args.max_batch,
-                                  threads=args.onnx_threads)
-    print(f"slc: serving {model.run_name} ({model.graph}) on http://{args.host}:{args.port} (docs at /docs)",
-          file=sys.stderr)
-    uvicorn.run(create_app(model, args.request_threads), host=args.host, port=args.port, log_level=args.log_level)
+    from serving.metrics import PrometheusMetrics
+    from serving.registry import resolve
+    from serving.runs import Runs
+
+    token = read_token(args.token_file)  # a bad token file stops the server before anything is downloaded or loaded
+    # models:/ sources downloaded (serving.registry); export directories, or directories of them (serving.runs.export_dirs)
+    sources = [resolve(source) for source in args.sources]
+    runs = Runs.load(sources, args.default_run, graph=args.graph, max_batch=args.max_batch, threads=args.onnx_threads)
+    others = f" and {len(runs.models) - 1} more run(s) at /v1/runs/<run>" if len(runs.models) > 1 else ""
+    print(f"slc: serving {runs.default.run_name} ({args.graph}){others} on http://{args.host}:{args.port} "
+          f"(docs at /docs)", file=sys.stderr)
+    if token is None and not is_loopback(args.host):
+        print(f"slc: WARNING: serving on {args.host}, which other machines can reach, without a token: anyone who "
+              f"reaches port {args.port} can score images and read /metrics. Set {TOKEN_ENV} or --token-file "
+              f"(params.yaml: serving.token_file) to require `Authorization: Bearer <token>`.", file=sys.stderr)
+    metrics = PrometheusMetrics()
+    score = None if args.batch_wait_ms is None else Batching(metrics, args.batch_wait_ms)
+    app = create_app(runs, request_threads=args.request_threads, score=score, token=token, metrics=metrics)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach the host (localhost, 127.0.0.0/8, ::1); 0.0.0.0 and names are reachable."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

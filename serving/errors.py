@@ -10,12 +10,20 @@ class ExportError(RuntimeError):
     """An export directory that is missing, incomplete, tampered with or not loadable."""
 
 
+class SetupError(RuntimeError):
+    """A server that cannot start as configured (an empty or unreadable token, two exports of one run)."""
+
+
 class InputError(ValueError):
     """A request that cannot be answered as asked: the message says what was seen and what is expected."""
 
 
 class UnknownClassError(InputError):
     """A class id outside the model's range."""
+
+
+class UnknownRunError(InputError):
+    """A run name that the server does not serve."""
 
 
 class DecodeError(InputError):

@@ -1,30 +1,42 @@
-"""The HTTP face of a SingleLogitModel: a FastAPI app, run by uvicorn (`slc serve`) or Ray Serve.
+"""The HTTP face of the served runs: a FastAPI app, run by uvicorn (`slc serve`) or Ray Serve.
+
+    GET  /healthz                                  open to probes, even with a token
+    GET  /metrics                                  Prometheus text format (serving.metrics)
+    GET  /v1/runs                                  the served runs and the default one
+    GET  /v1/runs/{run}/model                      a run's classes, input, thresholds, graph
+    POST /v1/runs/{run}/classes/{class_id}/score   is each uploaded image of class c?
+    GET  /v1/model, POST /v1/classes/{class_id}/score: the same for the default run
 
 Bad input is the client's to fix, so each library error becomes a 4xx whose `detail` says what
-was wrong and what is expected (`STATUS`), and the server goes on serving. Uploads are read on
-the event loop; decoding and inference run in worker threads, `request_threads` at most (one per
-CPU by default, not FastAPI's 40), so a burst of requests queues instead of holding 40 decoded
-batches in memory and 40 threads contending for the GIL and the cores.
+was wrong and what is expected (`STATUS`), and the server goes on serving. A body is read only up
+to what the largest acceptable batch needs, with or without a Content-Length (413 beyond). Uploads
+are read on the event loop; decoding and inference run in worker threads, `request_threads` at
+most (one per CPU by default, not FastAPI's 40), so a burst of requests queues instead of holding
+40 decoded batches in memory and 40 threads contending for the GIL and the cores.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the dependency of `add_run_routes`, a local, as
+# an object, not a string it would look up among the module's globals.
 import os
-from functools import partial
 from typing import Annotated
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from serving.errors import BatchTooLargeError, DecodeError, InputError, UnknownClassError
+from serving.auth import BearerToken
+from serving.batching import Scorer, infer
+from serving.errors import BatchTooLargeError, DecodeError, InputError, UnknownClassError, UnknownRunError
 from serving.images import check_batch_size, decode
+from serving.metrics import Metrics, PrometheusMetrics, RequestMetrics, label_request
 from serving.model import SingleLogitModel
+from serving.runs import Runs
 
 # Library error -> HTTP status; the most specific class in the error's MRO wins.
 STATUS: dict[type[Exception], int] = {
     UnknownClassError: 404,
+    UnknownRunError: 404,
     BatchTooLargeError: 413,
     DecodeError: 400,
     InputError: 422,
@@ -44,18 +56,36 @@ class Score(BaseModel):
     decisions: list[bool] | None
 
 
-def create_app(model: SingleLogitModel, request_threads: int | None = None) -> FastAPI:
-    """The app around a loaded model: at most `request_threads` requests (None: one per CPU) are
-    decoded and scored at once; the others wait their turn without holding a thread."""
-    app = FastAPI(
-        title="Single logit classification",
-        summary=f"Is this image of class c? Run {model.run_name} ({model.manifest.dataset}, "
-                f"{model.num_classes} classes), computing only the logit of c.",
-        version="1",
-    )
-    inference_slots = anyio.CapacityLimiter(request_threads or os.cpu_count() or 1)
-    if model.max_batch is not None:
-        app.add_middleware(BodyLimit, limit=max_request_bytes(model), max_batch=model.max_batch)
+def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer | None = None,
+               token: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app around loaded runs. At most `request_threads` requests (None: one per CPU) are decoded
+    at once, the others wait without holding a thread. `score` runs onnxruntime (None: in a worker
+    thread too, one call per request; serving.batching shares calls). `metrics` records the series
+    of serving.metrics; PrometheusMetrics (the default) are served at GET /metrics. With a `token`,
+    every route but /healthz needs it."""
+    default, limit = runs.default, body_limit(runs)
+    app = FastAPI(title="Single logit classification", version="1",
+                  summary=f"Is this image of class c? {len(runs.models)} run(s), by default {default.run_name} "
+                          f"({default.manifest.dataset}, {default.num_classes} classes), computing only the logit of c.")
+    slots = anyio.CapacityLimiter(request_threads or os.cpu_count() or 1)
+    metrics = PrometheusMetrics() if metrics is None else metrics
+    if isinstance(metrics, PrometheusMetrics):  # Ray Serve's are exported by Ray
+
+        @app.get("/metrics", response_class=Response)
+        def prometheus() -> Response:
+            """Request, inference and batch histograms in Prometheus' text format."""
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
+
+    if score is None:
+        async def score(model: SingleLogitModel, images: np.ndarray, class_id: int) -> np.ndarray:
+            return await anyio.to_thread.run_sync(infer, model, metrics, images, class_id, limiter=slots)
+
+    if limit is not None:
+        app.add_middleware(BodyLimit, limit=limit)
+    if token is not None:
+        app.add_middleware(BearerToken, token=token)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last, so outermost: it sees the 401s too
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, error: InputError) -> JSONResponse:
@@ -63,15 +93,43 @@ def create_app(model: SingleLogitModel, request_threads: int | None = None) -> F
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "run_name": model.run_name}
+        return {"status": "ok", "run_name": default.run_name}
 
-    @app.get("/v1/model")
-    def describe() -> dict:
+    @app.get("/v1/runs")
+    def list_runs() -> dict:
+        """The served runs; the default one answers the paths without /runs/{run}."""
+        return {"default": default.run_name,
+                "runs": [{"run_name": m.run_name, "loss": m.manifest.loss, "dataset": m.manifest.dataset,
+                          "num_classes": m.num_classes, "graph": m.graph} for m in runs]}
+
+    async def default_run(request: Request) -> SingleLogitModel:
+        label_request(request.scope, default.run_name)
+        return default
+
+    async def named_run(request: Request, run: Annotated[str, Path(description="a run of GET /v1/runs")]) -> SingleLogitModel:
+        model = runs[run]
+        label_request(request.scope, run)
+        return model
+
+    add_run_routes(app, "/v1", default_run, score, slots)
+    add_run_routes(app, "/v1/runs/{run}", named_run, score, slots)
+    return app
+
+
+def add_run_routes(app: FastAPI, prefix: str, run, score: Scorer, slots: anyio.CapacityLimiter) -> None:
+    """The routes of one run, the one the dependency `run` picks (the default, or the path's). Added to
+    the app itself, not through a router, so that a request's route (its metrics label) is the whole path."""
+    Model = Annotated[SingleLogitModel, Depends(run)]
+
+    @app.get(f"{prefix}/model")
+    def describe(model: Model) -> dict:
         """The exported run: class names and ids, input shape and normalisation, thresholds, graph."""
         return model.describe()
 
-    @app.post("/v1/classes/{class_id}/score")
-    async def score(
+    @app.post(f"{prefix}/classes/{{class_id}}/score")
+    async def classify(
+        request: Request,
+        model: Model,
         class_id: int,
         files: Annotated[list[UploadFile], File(description="PNG/JPEG images (one each) or .npy arrays "
                                                             "(uint8 pixels or normalised float32 batches)")],
@@ -79,49 +137,75 @@ def create_app(model: SingleLogitModel, request_threads: int | None = None) -> F
                                                           "default 0.99 (GET /v1/model lists the targets)")] = None,
     ) -> Score:
         """Score every uploaded image for one class; decide with the threshold calibrated for `recall`."""
-        model.class_ids(class_id, 1)  # an unknown class is refused before any upload is decoded
+        # an unknown class, too many files or an unknown recall is refused before any upload is decoded
+        model.class_ids(class_id, 1)
+        label_request(request.scope, model.run_name, class_id)
         check_batch_size(len(files), model.max_batch)
+        recall = model.default_recall if recall is None else recall
+        thresholds = None if recall is None else model.thresholds(recall)
         uploads = [(await upload.read(), upload.filename or f"upload {i}") for i, upload in enumerate(files)]
-        work = partial(answer, model, class_id, uploads, recall)
-        return await anyio.to_thread.run_sync(work, limiter=inference_slots)
+        images = await anyio.to_thread.run_sync(prepare, model, uploads, limiter=slots)
+        logits = await score(model, images, class_id)
+        threshold = None if thresholds is None or np.isnan(thresholds[class_id]) else float(thresholds[class_id])
+        return Score(run_name=model.run_name, class_id=class_id, class_name=model.class_names[class_id],
+                     graph=model.graph, recall=recall, threshold=threshold, logits=logits.tolist(),
+                     decisions=None if threshold is None else (logits >= threshold).tolist())
 
-    return app
 
-
-def answer(model: SingleLogitModel, class_id: int, uploads: list[tuple[bytes, str]], recall: float | None) -> Score:
-    """Decode, score and decide (CPU work, run in a worker thread)."""
+def prepare(model: SingleLogitModel, uploads: list[tuple[bytes, str]]) -> np.ndarray:
+    """Uploads -> the network's input batch (CPU work, run in a worker thread)."""
     size = model.input_shape[1:]
     batch = np.concatenate([model.prepare(decode(data, name, size)) for data, name in uploads])
     check_batch_size(len(batch), model.max_batch)
-    result = model.classify(batch, class_id, model.default_recall if recall is None else recall)
-    threshold = None if np.isnan(result.thresholds[0]) else float(result.thresholds[0])
-    return Score(run_name=model.run_name, class_id=class_id, class_name=model.class_names[class_id],
-                 graph=model.graph, recall=result.recall, threshold=threshold, logits=result.logits.tolist(),
-                 decisions=None if threshold is None else result.decisions.tolist())
+    return batch
 
 
 class BodyLimit:
-    """Refuse a body that cannot hold an acceptable batch before it is read into memory. Plain ASGI,
-    as Starlette's BaseHTTPMiddleware would pass every request and response through extra tasks
-    and streams for a check of one header."""
+    """Refuse a body that cannot hold an acceptable batch without reading it into memory: by its
+    Content-Length before reading, or, when it has none (chunked), once what arrived passes the
+    limit; the 413 then closes the connection, so the client stops sending. (FastAPI's own
+    `max_body_size` answers a bare "Content Too Large" instead of saying what to change.)"""
 
-    def __init__(self, app, limit: int, max_batch: int):
-        self.app, self.limit, self.max_batch = app, limit, max_batch
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                response = _error(413, f"the request has {int(length)} bytes, at most {self.limit} are taken "
-                                       f"(serving.max_batch = {self.max_batch} images); send fewer images per request")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            error = self.too_large(f"{int(length)} bytes")
+            await JSONResponse({"detail": error.detail}, error.status_code, error.headers)(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # raised into the body's parser, which FastAPI lets through to its handler
+                raise self.too_large(f"more than {self.limit} bytes")
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def too_large(self, size: str) -> HTTPException:
+        return HTTPException(413, f"the request body has {size}; at most {self.limit} are read, what the largest batch "
+                                  f"a request may send (serving.max_batch images) needs; send fewer images per request",
+                             headers={"Connection": "close"})
 
 
-def max_request_bytes(model: SingleLogitModel) -> int:
-    """The largest body worth reading: max_batch float64 images plus 1 MiB of headers and encoding."""
-    return model.max_batch * int(np.prod(model.input_shape)) * 8 + (1 << 20)
+def max_request_bytes(model: SingleLogitModel) -> int | None:
+    """The largest body worth reading: max_batch float64 images plus 1 MiB of headers and encoding
+    (None: the model takes batches of any size)."""
+    return None if model.max_batch is None else model.max_batch * int(np.prod(model.input_shape)) * 8 + (1 << 20)
+
+
+def body_limit(runs: Runs) -> int | None:
+    """One limit for every run: the largest any of them may need."""
+    limits = [max_request_bytes(model) for model in runs]
+    return None if None in limits else max(limits)
 
 
 def status_of(error: Exception) -> int:
@@ -130,4 +214,3 @@ def status_of(error: Exception) -> int:
 
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
-

@@ -1,13 +1,16 @@
-"""Load test of `slc serve` on loopback: requests/s and latency for single_logit.onnx vs model.onnx.
+"""Load test of `slc serve` on loopback: requests/s and latency for single_logit.onnx vs model.onnx,
+each without and with dynamic batching.
 
     python -m serving.loadtest exports/batch_ce-s0 --out results/serving.md   # and results/serving.json
 
-For each graph a server is started in its own process, warmed up, then driven by an asyncio
-client at each concurrency until a request budget or a time budget runs out, whichever is first,
-so the test always stops by itself. Every request is a real upload (one PNG of the model's input
-size) through the whole HTTP path. Client and server share this machine's CPUs, so besides wall
-time the CPU time each side spent per request is reported: it says where the time went even
-when other work competes for the cores (the load average is printed too).
+For each graph and batching setting a server is started in its own process, warmed up, then
+driven by an asyncio client at each concurrency until a request budget or a time budget runs
+out, whichever is first, so the test always stops by itself. Every request is a real upload (one
+PNG of the model's input size) through the whole HTTP path. Client and server share this
+machine's CPUs, so besides wall time the CPU time each side spent per request is reported: it
+says where the time went even when other work competes for the cores (the load average is
+printed too). The server's own /metrics say how many images each onnxruntime call took, which is
+what batching changes.
 The figures are written as JSON beside the Markdown: the README's results section is rendered
 from that JSON with `summary_markdown`, so nothing reads the Markdown back.
 """
@@ -29,17 +32,22 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tabulate import tabulate
 
+from serving.cli import positive_ms
 from serving.machine import machine_info
+from serving.metrics import BATCH
 from serving.model import GRAPHS, SingleLogitModel
 
 TITLE = "Serving load test"
 POOL = 32            # distinct images sent in turn
 STARTUP_TIMEOUT = 60.0
-COLUMNS = ("graph", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu_ms")
-HEADER = ("graph", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-          "server CPU ms/req", "client CPU ms/req")
+COLUMNS = ("graph", "batch_wait_ms", "concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms",
+           "images_per_call", "server_cpu_ms", "client_cpu_ms")
+HEADER = ("graph", "batching", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
+          "images/call", "server CPU ms/req", "client CPU ms/req")
+NEWER = {"batch_wait_ms", "images_per_call"}  # columns that figures from before batching lack (it was off)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,19 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level at most")
     parser.add_argument("--warmup", type=int, default=50, help="untimed requests before each graph")
     parser.add_argument("--server-args", default="", help="extra `slc serve` flags, e.g. '--onnx-threads 1'")
+    parser.add_argument("--batch-wait-ms", type=positive_ms, default=2.0,
+                        help="the batching setting measured beside no batching (`slc serve --batch-wait-ms`)")
     args = parser.parse_args(argv)
     model = SingleLogitModel.load(args.export_dir)
     pool = png_pool(model.input_shape)
     rows = []
     for graph in args.graphs:
-        with Server(args.export_dir, graph, options=args.server_args.split()) as server:
-            asyncio.run(drive(server.url, pool, concurrency=1, requests=args.warmup, duration=args.duration))
-            for concurrency in args.concurrency:
-                rows.append({"graph": graph, "concurrency": concurrency,
-                             **measure(server, pool, concurrency, args.requests, args.duration)})
-                print(" ".join(f"{column}={rows[-1][column]}" for column in COLUMNS), file=sys.stderr)
+        for wait in (None, args.batch_wait_ms):
+            batching = [] if wait is None else ["--batch-wait-ms", str(wait)]
+            with Server(args.export_dir, graph, options=[*args.server_args.split(), *batching]) as server:
+                asyncio.run(drive(server.url, pool, concurrency=1, requests=args.warmup, duration=args.duration))
+                for concurrency in args.concurrency:
+                    rows.append({"graph": graph, "batch_wait_ms": wait, "concurrency": concurrency,
+                                 **measure(server, pool, concurrency, args.requests, args.duration)})
+                    print(" ".join(f"{column}={rows[-1][column]}" for column in COLUMNS), file=sys.stderr)
     figures = {"settings": {"export_dir": str(args.export_dir), "server_args": args.server_args,
-                            "requests": args.requests, "duration": args.duration, "warmup": args.warmup},
+                            "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
+                            "duration": args.duration, "warmup": args.warmup},
                "model": {"run_name": model.run_name, "dataset": model.manifest.dataset,
                          "num_classes": model.num_classes, "input_shape": list(model.input_shape),
                          "providers": list(model.providers)},
@@ -143,6 +156,13 @@ class Server:
         times = psutil.Process(self.process.pid).cpu_times()
         return times.user + times.system
 
+    def inference_images(self) -> tuple[float, float]:
+        """onnxruntime calls so far and the images they took, from the server's /metrics."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10.0).text
+        family = next(f for f in text_string_to_metric_families(text) if f.name == BATCH.name)
+        total = {suffix: sum(s.value for s in family.samples if s.name == BATCH.name + suffix) for suffix in ("_count", "_sum")}
+        return total["_count"], total["_sum"]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -151,12 +171,16 @@ def free_port() -> int:
 
 
 def measure(server: Server, pool: list[bytes], concurrency: int, requests: int, duration: float) -> dict:
-    """One level: latency figures plus the CPU time server and client spent per answered request."""
-    server_before, client_before = server.cpu_seconds(), _own_cpu_seconds()
+    """One level: latency figures, the images per onnxruntime call, and the CPU time server and client
+    spent per answered request."""
+    (calls_before, images_before), server_before, client_before = (server.inference_images(), server.cpu_seconds(),
+                                                                   _own_cpu_seconds())
     row = asyncio.run(drive(server.url, pool, concurrency, requests, duration))
     answered = max(row["requests"], 1)
     row["server_cpu_ms"] = round((server.cpu_seconds() - server_before) / answered * 1e3, 2)
     row["client_cpu_ms"] = round((_own_cpu_seconds() - client_before) / answered * 1e3, 2)
+    calls, images = server.inference_images()
+    row["images_per_call"] = round((images - images_before) / max(calls - calls_before, 1), 2)
     return row
 
 
@@ -199,9 +223,18 @@ async def drive(url: str, pool: list[bytes], concurrency: int, requests: int, du
 
 
 def table_markdown(rows: list[dict]) -> str:
-    """One row per graph and concurrency; numparse off, so figures print as measured."""
-    return tabulate([[row[column] for column in COLUMNS] for row in rows], HEADER, tablefmt="github",
+    """One row per graph, batching and concurrency; numparse off, so figures print as measured."""
+    return tabulate([[cell(row, column) for column in COLUMNS] for row in rows], HEADER, tablefmt="github",
                     disable_numparse=True)
+
+
+def cell(row: dict, column: str):
+    if column not in NEWER:
+        return row[column]
+    value = row.get(column)
+    if column == "batch_wait_ms":
+        return "off" if value is None else f"{value:g} ms wait"
+    return "" if value is None else value
 
 
 def summary_markdown(figures: dict) -> str:
@@ -212,7 +245,8 @@ def summary_markdown(figures: dict) -> str:
     s, m, model = figures["settings"], figures["machine"], figures["model"]
     c, h, w = model["input_shape"]
     command = f"python -m serving.loadtest {s['export_dir']}" + (
-        f" --server-args {s['server_args']!r}" if s["server_args"] else "")
+        f" --server-args {s['server_args']!r}" if s["server_args"] else "") + (
+        f" --batch-wait-ms {s['batch_wait_ms']:g}" if s.get("batch_wait_ms") is not None else "")
     return "\n".join([
         f"`{command}` on {m['platform']}, {m['cores']} CPUs (1-min load average {m['load_average'][0]:.2f} at "
         f"the end), Python {m['python']}, onnxruntime {m['onnxruntime']} ({', '.join(model['providers'])}).",
@@ -220,6 +254,10 @@ def summary_markdown(figures: dict) -> str:
         f"each request uploads one {h}x{w} PNG to `POST /v1/classes/0/score` of `slc serve` (uvicorn, one process).",
         f"Per level: at most {s['requests']} timed requests or {s['duration']:g} s, after {s['warmup']} untimed "
         f"warm-up requests per server. Client (httpx, asyncio) and server share the machine over loopback.",
+        *([] if s.get("batch_wait_ms") is None else [  # figures from before batching have no such setting
+            f"Each graph is served without batching, then with `--batch-wait-ms {s['batch_wait_ms']:g}`: concurrent "
+            f"requests share one onnxruntime call, each waiting at most {s['batch_wait_ms']:g} ms for others; "
+            f"images/call is the mean the server's /metrics counted."]),
         "",
         table_markdown(figures["rows"])])
 

@@ -46,7 +46,9 @@ class Manifest:
     max_abs_diff: dict[str, float]    # each model file -> its largest |onnxruntime - PyTorch| at export
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n"
+        # the fields are JSON values already: asdict's deep copy of 400,000 names and thresholds took 0.8 s
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return json.dumps(fields, indent=2, allow_nan=False) + "\n"
 
 
 # Each field's JSON type, from the record itself (list[str] -> list).

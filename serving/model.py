@@ -8,7 +8,6 @@ with one class, one image with M classes, or N images with N classes, pair by pa
 from __future__ import annotations
 
 import ctypes
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +83,8 @@ class SingleLogitModel:
         self.max_batch = max_batch
         self._graph = GRAPHS[graph](manifest.input["shape"], manifest.num_classes)
         self._recalls = recall_keys(manifest.thresholds)
+        # made once: from the manifest's list per request they would cost 11 ms at 400,000 classes
+        self._thresholds = {key: _read_only(np.array(values, np.float64)) for key, values in manifest.thresholds.items()}
 
     @classmethod
     def load(cls, export_dir: str | Path, *, graph: str = "single_logit", providers: str | list[str] = "auto",
@@ -166,13 +167,14 @@ class SingleLogitModel:
             return Decisions(ids, logits, thresholds, logits >= thresholds, recall)
 
     def thresholds(self, recall: float = DEFAULT_RECALL) -> np.ndarray:
-        """Per-class thresholds (k,) for a recall target, NaN for classes that could not be calibrated."""
+        """Per-class thresholds (k,) for a recall target, NaN for classes that could not be calibrated
+        (read-only: one array serves every request)."""
         key = self._recalls.get(_as_recall(recall))
         if key is None:
             have = ", ".join(f"{r:g}" for r in self.recalls) or "none (the export has no thresholds)"
             raise ThresholdError(f"no thresholds for recall {recall!r}: the export has them for {have}; "
                                  f"add the target to evaluate.recalls and re-run evaluate and export")
-        return np.array([math.nan if t is None else t for t in self.manifest.thresholds[key]], np.float64)
+        return self._thresholds[key]
 
     def class_ids(self, class_id, n_images: int) -> np.ndarray:
         """Validated int64 class ids, one per pair (see the module docstring for how pairs form)."""
@@ -203,6 +205,11 @@ class SingleLogitModel:
     def _some_names(self) -> str:
         names = [f"{i}: {name}" for i, name in enumerate(self.class_names[:5])]
         return ", ".join(names) + (", ..." if self.num_classes > 5 else "")
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def _as_recall(recall) -> float | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from pathlib import Path
 
@@ -173,20 +174,32 @@ class EvaluateConfig:
 @_config
 class ExportConfig:
     runs: str | list[str]
-    classes: str | list[int]
+    classes: str | int | list[int]
     opset: int
     verify_atol: float
     verify_images: int
+    verify_classes: int
+    registered_model: str | None
+    registered_alias: str
 
     def __post_init__(self):
         _require(self.runs == "all" or isinstance(self.runs, list), "export.runs", self.runs,
                  "'all' or a list of run names")
-        _require(self.classes in ("all", "none") or isinstance(self.classes, list),
-                 "export.classes", self.classes, "'all', 'none' or a list of class ids")
+        _require(self.classes in ("all", "none") or isinstance(self.classes, list)
+                 or (isinstance(self.classes, int) and self.classes >= 0), "export.classes", self.classes,
+                 "a count of classes to sample (e.g. 32), a list of class ids, 'all' or 'none'")
         _require(self.opset >= 18, "export.opset", self.opset, "18 or newer (torch.onnx.export's dynamo exporter)")
         _require(self.verify_atol > 0, "export.verify_atol", self.verify_atol, "a positive tolerance, e.g. 1e-4")
         _require(self.verify_images >= 2, "export.verify_images", self.verify_images,
                  "at least 2 (files are checked on batch 1 and on a larger batch)")
+        _require(self.verify_classes >= 2, "export.verify_classes", self.verify_classes,
+                 "at least 2 (the first and the last class are always among them)")
+        name, alias = self.registered_model, self.registered_alias
+        _require(name is None or (name.strip() != "" and "/" not in name and ":" not in name), "export.registered_model",
+                 name, "null (do not register) or a name without '/' or ':', e.g. slc")
+        _require(re.fullmatch(r"[\w-]+", alias) is not None and alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", alias),
+                 "export.registered_alias", alias, "letters, digits, _ or -, but not 'latest' or v<number> (MLflow "
+                 "reserves them), e.g. champion")
 
 
 @_config
@@ -219,6 +232,8 @@ class ServingConfig:
     replicas: int
     request_threads: int | None
     onnx_threads: int | None
+    batch_wait_ms: float | None
+    token_file: str | None
 
     def __post_init__(self):
         _require(0 < self.port < 65536, "serving.port", self.port, "a TCP port, 1 to 65535")
@@ -227,6 +242,8 @@ class ServingConfig:
         for key in ("request_threads", "onnx_threads"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"serving.{key}", value, "null (the default) or a positive count")
+        _require(self.batch_wait_ms is None or self.batch_wait_ms > 0, "serving.batch_wait_ms", self.batch_wait_ms,
+                 "null (no batching) or a positive number of milliseconds")
 
 
 @_config

@@ -10,6 +10,11 @@ All models sit in one folder beside the weights files they share, because onnxru
 external-data path that climbs up (`../`): so `class_<c>.onnx`, not `classes/<c>.onnx`.
 Every file is run in onnxruntime on real test images and fails if one disagrees with
 PyTorch, so a broken export never reaches serving.
+
+At any k the export stays bounded: the head is written once (model.onnx and single_logit.onnx
+reference the same head.weights), class files are made for a bounded sample of classes, and
+single_logit.onnx is checked on a seeded sample of class ids; only the manifest's class names and
+thresholds grow with k.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -29,15 +35,17 @@ from tqdm import tqdm
 
 from serving.errors import ExportError
 from serving.manifest import FORMAT_VERSION, MANIFEST, Manifest, parse_manifest
-from slc import tracking
+from slc import timing, tracking
 from slc.config import ExportConfig
 from slc.data import PreparedData, renormalisation
-from slc.files import sha256
+from slc.files import sha256, write_json
 from slc.models import load_trained
 from slc.onnx_graphs import WeightsFile, build_head_graph, class_row, externalize, save_checked, write_single_logit
 from slc.records import TrialRecord
 
 INFO_KEYS = ("run_name", "loss", "dataset", "class_names", "input_shape", "normalisation", "pixel_scale")
+SAMPLE_SEED = 0          # the class samples (files, verification) are the same on every export
+ALL_CLASSES_AT_MOST = 1024  # export.classes = all beyond this is refused: a file and a verification per class
 
 
 class _Features(nn.Module):
@@ -78,17 +86,42 @@ def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def select_classes(classes: str | list[int], k: int) -> list[int]:
-    """export.classes -> the class ids that get their own file."""
+def seeded_sample(k: int, n: int) -> np.ndarray:
+    """n distinct class ids of k, sorted, the same on every call; every id when k <= n."""
+    if k <= n:
+        return np.arange(k)
+    return np.sort(np.random.default_rng(SAMPLE_SEED).choice(k, n, replace=False))
+
+
+def select_classes(classes: str | int | list[int], k: int, d: int) -> list[int]:
+    """export.classes -> the class ids that get their own file: a count is a seeded sample, so the
+    number of files stays bounded whatever k is; 'all' is refused where it would not be."""
     if classes == "all":
+        if k > ALL_CLASSES_AT_MOST:
+            raise ExportError(f"export.classes = 'all' asks for {k:,} class files: at least {4 * k * (d + 1) / 1e6:,.1f}"
+                              f" MB (each holds {4 * (d + 1):,} bytes of head and a copy of the backbone's graph) and "
+                              f"{k:,} onnxruntime sessions to verify them; 'all' is refused above "
+                              f"{ALL_CLASSES_AT_MOST:,} classes. single_logit.onnx answers every class already: give "
+                              f"a count for a seeded sample (e.g. 32), a list of ids, or the count {k} to mean all")
         return list(range(k))
     if classes == "none":
         return []
+    if isinstance(classes, int):
+        return seeded_sample(k, classes).tolist()
     bad = [c for c in classes if not isinstance(c, int) or not 0 <= c < k]
     if bad:
         raise ExportError(f"export.classes has {bad}, not class ids of this model: use ids in [0, {k - 1}], "
-                          f"'all' or 'none'")
+                          f"a count, 'all' or 'none'")
     return sorted(set(classes))
+
+
+def verified_classes(k: int, n: int) -> np.ndarray:
+    """The class ids single_logit.onnx is checked on: the first and the last (the gather's edge
+    rows, where an offset or length error shows) and a seeded sample of the rest, n in all
+    (every class when k <= n), so verification costs the same at 400,000 classes as at 100."""
+    if k <= n:
+        return np.arange(k)
+    return np.concatenate([[0], 1 + seeded_sample(k - 2, n - 2), [k - 1]])
 
 
 def write_models(model: nn.Module, out_dir: Path, input_shape, opset: int, class_ids: list[int]) -> dict:
@@ -108,24 +141,25 @@ def write_models(model: nn.Module, out_dir: Path, input_shape, opset: int, class
             "classes": classes}
 
 
-def _class_id_rounds(n: int, k: int) -> list[np.ndarray]:
+def _class_id_rounds(n: int, classes: np.ndarray) -> list[np.ndarray]:
     """Class ids for a batch of n: a different class per row (the row-wise gather is what can go
-    wrong), shifted round by round until every class was asked; batch 1 asks for the last class."""
-    starts = range(0, k, n) if n > 1 else [k - 1]
-    return [(np.arange(n) + start) % k for start in starts]
+    wrong), shifted round by round until every one of `classes` was asked; batch 1 asks for the last."""
+    m = len(classes)
+    starts = range(0, m, n) if n > 1 else [m - 1]
+    return [classes[(np.arange(n) + start) % m] for start in starts]
 
 
 def verify_export(model: nn.Module, export_dir: Path, models: dict, images: torch.Tensor,
-                  atol: float) -> dict[str, float]:
-    """Run every file in onnxruntime on batch 1 and the whole batch; max |ORT - PyTorch| per file.
-    The reference logits are the model's own forward, so a model whose forward is not
-    head(features(x)) fails here instead of exporting something else."""
+                  atol: float, single_logit_classes: np.ndarray) -> dict[str, float]:
+    """Run every file in onnxruntime on batch 1 and the whole batch; max |ORT - PyTorch| per file,
+    single_logit.onnx on `single_logit_classes`. The reference logits are the model's own forward,
+    so a model whose forward is not head(features(x)) fails here instead of exporting something else."""
     with torch.inference_mode():
         refs = [(x.numpy(), model.features(x).numpy(), model(x).numpy()) for x in (images[:1], images)]
     cases = {models["backbone"]: [({"image": x}, f) for x, f, _ in refs],
              models["full"]: [({"image": x}, z) for x, _, z in refs],
              models["single_logit"]: [({"image": x, "class_id": ids}, z[np.arange(len(x)), ids])
-                                      for x, _, z in refs for ids in _class_id_rounds(len(x), z.shape[1])]}
+                                      for x, _, z in refs for ids in _class_id_rounds(len(x), single_logit_classes)]}
     cases.update({path: [({"image": x}, z[:, int(c)]) for x, _, z in refs]
                   for c, path in models["classes"].items()})
     diffs = {}
@@ -145,8 +179,6 @@ def verify_export(model: nn.Module, export_dir: Path, models: dict, images: torc
     return diffs
 
 
-
-
 def file_table(export_dir: Path) -> dict[str, dict]:
     """sha256 and size of every file of an export but the manifest itself."""
     files = sorted(p for p in export_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -164,8 +196,8 @@ def _check_thresholds(thresholds: dict[str, list[float]] | None, k: int, run: st
 
 
 def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[str, list[float]] | None,
-                 images: torch.Tensor, *, opset: int = 18, classes: str | list[int] = "all",
-                 atol: float = 1e-4) -> Manifest:
+                 images: torch.Tensor, *, opset: int = 18, classes: str | int | list[int] = "all",
+                 atol: float = 1e-4, verify_classes: int = 64) -> Manifest:
     """Write and verify exports/<run_name>/ atomically (a temp folder renamed into place, so a
     failed export leaves the previous one, or nothing); returns the manifest."""
     missing = [key for key in INFO_KEYS if key not in info]
@@ -175,14 +207,14 @@ def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[s
     k, d = model.head.out_features, model.head.in_features
     if len(info["class_names"]) != k:
         raise ExportError(f"{info['run_name']}: {len(info['class_names'])} class names for a model with {k} logits")
-    class_ids, thresholds = select_classes(classes, k), _check_thresholds(thresholds, k, info["run_name"])
+    class_ids, thresholds = select_classes(classes, k, d), _check_thresholds(thresholds, k, info["run_name"])
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the export unreadable to a serving user
     try:
         models = write_models(model, tmp, info["input_shape"], opset, class_ids)
-        diffs = verify_export(model, tmp, models, images.float(), atol)
+        diffs = verify_export(model, tmp, models, images.float(), atol, verified_classes(k, verify_classes))
         draft = {"format_version": FORMAT_VERSION, "run_name": info["run_name"], "loss": info["loss"],
                  "dataset": info["dataset"], "class_names": list(info["class_names"]), "num_classes": k,
                  "feature_dim": d, "input": {"name": "image", "shape": list(info["input_shape"]), "dtype": "float32"},
@@ -209,8 +241,6 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-
-
 def _read_thresholds(path: Path, runs: list[str]) -> dict[str, dict]:
     hint = "run `dvc repro evaluate` first (it calibrates the thresholds export ships)"
     try:
@@ -224,8 +254,9 @@ def _read_thresholds(path: Path, runs: list[str]) -> dict[str, dict]:
 
 
 def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data_dir: Path,
-                out_dir: Path) -> dict[str, Manifest]:
-    """The stage: export the selected trained runs; returns their manifests by run name."""
+                out_dir: Path, metrics: Path | None = None) -> dict[str, Manifest]:
+    """The stage: export the selected trained runs; returns their manifests by run name. What each
+    export cost (`export_cost`) goes to `metrics` as JSON, for scaling studies over k."""
     available = sorted(p.parent.name for p in Path(models_dir).glob("*/config.json"))
     if not available:
         raise ExportError(f"no trained model under {models_dir}: run `dvc repro train` first")
@@ -235,14 +266,32 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
         raise ExportError(f"export.runs names {', '.join(unknown)}, not trained; available runs: {', '.join(available)}")
     thresholds = _read_thresholds(thresholds_path, runs)
     data = PreparedData(data_dir)
-    manifests = {}
+    manifests, costs = {}, {}
     for run in tqdm(runs, desc="export", disable=None):
+        timing.reset_peak_rss()
+        start = time.perf_counter()
         model, info = load_trained(Path(models_dir) / run)
         images = verification_images(data, info, cfg.verify_images)
         info = {"pixel_scale": data.meta["pixel_scale"], **info}
         manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images,
-                                      opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol)
+                                      opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol,
+                                      verify_classes=cfg.verify_classes)
+        costs[run] = export_cost(manifests[run], Path(out_dir) / run, time.perf_counter() - start, cfg.verify_classes)
+        del model  # before the next run loads: two 400,000-class models need not be in memory at once
+    if metrics is not None:
+        write_json(metrics, {"wall_s": sum(c["wall_s"] for c in costs.values()),
+                             "bytes": sum(c["bytes"] for c in costs.values()), "runs": costs})
     return manifests
+
+
+def export_cost(manifest: Manifest, export_dir: Path, wall_s: float, verify_classes: int) -> dict:
+    """One run's export in figures: wall time (loading the model to the manifest), bytes on disk
+    with the manifest, files, peak RSS since `timing.reset_peak_rss`, classes checked."""
+    return {"wall_s": wall_s, "bytes": sum(f["bytes"] for f in manifest.files.values())
+            + (export_dir / MANIFEST).stat().st_size, "files": len(manifest.files) + 1,
+            "num_classes": manifest.num_classes, "class_files": len(manifest.models["classes"]),
+            "single_logit_classes_verified": min(manifest.num_classes, verify_classes),
+            "peak_rss_gb": timing.peak_rss_gb()}
 
 
 def verification_images(data: PreparedData, info: dict, n: int) -> torch.Tensor:

@@ -47,3 +47,12 @@ def write_json(path: str | Path, value) -> None:
 def sha256(path: str | Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def save_figure(figure, path: str | Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG at `path` (its folder made), then freed: pyplot keeps every open one."""
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)

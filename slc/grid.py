@@ -150,6 +150,10 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     data, models_dir, results = PreparedData(data_root), Path(models_dir), Path(results)
     for loss in params.grid.losses:  # refused here, before Ray starts, not in every trial
         check_trainable(RunConfig(loss, params.grid.seeds[0], params.model, params.train), data)
+    if params.train.candidates is not None and params.ray.num_workers > 1:
+        raise ConfigError(f"train.candidates (sampled training) runs one Train worker a trial, but ray.num_workers = "
+                          f"{params.ray.num_workers}: DDP cannot all-reduce the head's sparse gradient; set "
+                          f"ray.num_workers: 1 (run trials side by side with ray.max_concurrent_trials instead)")
     sections = {name: dataclasses.asdict(getattr(params, name)) for name in TRAIN_PARAMS}
     grid = [(loss, seed, tracking.run_name(loss, seed)) for loss in params.grid.losses for seed in params.grid.seeds]
     fingerprints = {name: trial_fingerprint(loss, seed, sections, data) for loss, seed, name in grid}
@@ -192,6 +196,7 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
                                                           params.model.name))
         trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id,
                        "fingerprint": fingerprint})
+    tracking.log_prepared_data(uri, [parent, *(trial["mlflow_run_id"] for trial in trials)], data.meta, data.root)
     tuner = tune.Tuner(
         tune.with_resources(run_trial, {"CPU": DRIVER_CPUS}),
         param_space={"trial": tune.grid_search(trials), "model": sections["model"], "train": sections["train"],

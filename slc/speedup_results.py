@@ -5,6 +5,7 @@ read them; a figure renamed on one side fails here, naming the field, not as a K
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -34,16 +35,18 @@ class AtK(_Record):
     backbone: Timing
     full: Timing
     single_logit: Timing
-    predicted_full_ms: float     # the backbone plus one read of the head at the measured bandwidth
-    full_vs_predicted: float
+    predicted_full_ms: float     # the floor: the backbone plus one read of the head at the bandwidth bound B
+    full_vs_predicted: float     # >= 1 for a correct measurement (up to the backbone's noise)
     single_vs_backbone: float
     speedup: float               # full / single_logit
-    speedup_limit: float         # predicted full / backbone: the most a single logit can gain here
+    speedup_limit: float         # predicted full / backbone: the speedup over a full model at the floor;
+                                 # speedup >= speedup_limit * backbone / single_logit
     peak_rss_gb: float
     head_gb: float
 
 
 class Architecture(_Record):
+    """A network timed at one or more k: a benchmarked architecture, or a trained run's export at its k."""
     d: int                       # feature size: the head is d x k
     input_shape: list[int]
     k: dict[int, AtK]
@@ -58,7 +61,7 @@ class SpeedupResults(_Record):
     settings: dict               # params.yaml's benchmark section and the session options
     bandwidth: dict              # slc.timing.memory_bandwidth
     architectures: dict[str, Architecture]
-    exports: dict[str, dict[str, Timing]]  # trained run -> its exported models' times
+    exports: dict[str, Architecture]       # trained run -> its export at its own k
     goals: dict[str, float | bool]         # flat, so that `dvc metrics` shows them
 
 
@@ -69,9 +72,15 @@ class ResultsError(PipelineError, ValueError):
 def read_speedup(path: str | Path) -> SpeedupResults:
     path = Path(path)
     try:
-        return SpeedupResults.model_validate_json(path.read_text())
+        return parse_speedup(json.loads(path.read_text()), path)
     except FileNotFoundError:
         raise ResultsError(f"{path} not found: run the benchmark stage (`dvc repro benchmark`)") from None
+
+
+def parse_speedup(figures, path: str | Path) -> SpeedupResults:
+    """The records from speedup.json's parsed JSON; a file of an older layout fails naming the field."""
+    try:
+        return SpeedupResults.model_validate(figures)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

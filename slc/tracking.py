@@ -27,6 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 SQLITE = "sqlite:///"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+# MLflow 3 sorts experiments into GenAI apps and model training; ours trains models. The tag is the
+# experiment's kind for MLflow's clients, but MLflow 3.17's UI opens an experiment on its sidebar toggle
+# (GenAI, the default, or Model training) instead, so links to the runs carry RUNS_VIEW (`runs_url`).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+RUNS_VIEW = "workflowType=machine_learning"
 
 
 def run_name(loss: str, seed: int) -> str:
@@ -56,12 +61,19 @@ def artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """The experiment's id, creating it (with artifacts beside a sqlite db) on first use."""
+    """The experiment's id, creating it (with artifacts beside a sqlite db) on first use. It is tagged
+    as model training every time, so that an experiment an earlier version created is too."""
     client = _client(uri)
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(uri))
+    experiment = (found.experiment_id if found is not None
+                  else client.create_experiment(name, artifact_location=artifact_location(uri)))
+    client.set_experiment_tag(experiment, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment
+
+
+def runs_url(server: str, experiment: str) -> str:
+    """The UI page of the experiment's runs table, in the UI's model training view."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs?{RUNS_VIEW}"
 
 
 def git_commit(root: Path = ROOT) -> str:
@@ -115,6 +127,23 @@ def start_trial(uri: str, parent_id: str, name: str, params: dict, tags: dict[st
 
 def trial_tags(loss: str, pols_aligned: bool, dataset: str, model: str) -> dict[str, str]:
     return {"loss": loss, "pols_aligned": str(pols_aligned).lower(), "dataset": dataset, "model": model}
+
+
+def log_prepared_data(uri: str, run_ids: list[str], meta: dict, root: Path) -> None:
+    """The prepared data (`prepare`'s meta.json and its directory) as the runs' training input: the
+    runs table's Dataset column. Its digest hashes meta.json, which holds every prepared file's
+    sha256, so runs trained on the same data show the same digest and different data a different one."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:8]  # 8 hex digits, as MLflow's
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(root).resolve())), name=meta["dataset"], digest=digest)
+    training = DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+    client = _client(uri)
+    for run_id in run_ids:
+        client.log_inputs(run_id, datasets=[training])
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

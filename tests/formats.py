@@ -83,8 +83,8 @@ def write_torchvision_dataset(name: str, root: Path, monkeypatch) -> None:
     with torchvision's md5 lists pointed at them so that its own integrity check runs on them."""
     import torchvision.datasets as tv
 
-    if name in ("mnist", "fashion_mnist"):
-        write_idx_gz(root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name] / "raw")
+    if name in ("mnist", "fashion_mnist", "tuples"):  # tuples are made of Fashion-MNIST items
+        write_idx_gz(root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "tuples": "FashionMNIST"}[name] / "raw")
     elif name in ("cifar10", "cifar100"):
         ten = name == "cifar10"
         folder = write_cifar(root, classes=10 if ten else 100, per_batch=20 if ten else 200)

@@ -1,28 +1,29 @@
 import dataclasses
 import json
 
-import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from pipeline import benchmark
-from slc.config import BenchmarkConfig
-from slc.onnx_graphs import write_single_logit
+from slc.config import BenchmarkConfig, ModelConfig
+from slc.exporting import export_model
+from slc.models import build_model
 from slc.speedup_results import read_speedup
 from tests.conftest import write_params
-from tests.unit.test_benchmark import tiny_backbone
 
 TINY = BenchmarkConfig(architectures=["mlp"], num_classes=[1, 1000], batch_size=2, threads=1, warmup=1, repeats=3,
                        providers="auto", prepacking=False, bandwidth_mib=16)
 
 
-def a_trained_export(exports):
-    """What the export stage leaves for one run, on a tiny backbone: enough to be timed."""
-    run = exports / "bce-s0"
-    run.mkdir(parents=True)
-    backbone = tiny_backbone(4)
-    (run / "backbone.onnx").write_bytes(backbone.SerializeToString())
-    write_single_logit(run, np.ones((3, 4), np.float32), np.zeros(3, np.float32), backbone=backbone)
+def a_trained_export(exports, k=3000):
+    """What the export stage leaves for one run of a tiny mlp with many classes (random weights)."""
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    model = build_model(ModelConfig("mlp", 8, 4), shape, k).eval()
+    info = {"run_name": "bce-s0", "loss": "bce", "dataset": "tiny", "class_names": [f"c{i}" for i in range(k)],
+            "input_shape": list(shape), "normalisation": {"mean": [0.5], "std": [0.25]}, "pixel_scale": 255.0}
+    export_model(model, exports / "bce-s0", info, None, torch.randn(4, *shape), classes="none")
 
 
 @pytest.mark.slow
@@ -42,7 +43,9 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
         assert all(t.median_ms > 0 and t.repeats == 3 for t in (r.backbone, r.full, r.single_logit))
         assert r.full.providers_used == ["CPUExecutionProvider"] and r.peak_rss_gb > 0
     assert results.architectures["mlp"].d == 32
-    assert set(results.exports["bce-s0"]) == {"model", "backbone", "single_logit"}
+    trained = results.exports["bce-s0"]
+    assert (trained.d, list(trained.k)) == (8, [3000]) and trained.largest.full.repeats == 3
+    assert "| bce-s0 " in (out / "speedup.md").read_text()
     assert results.bandwidth["gbps"] > 0
     assert json.loads((out / "speedup.json").read_text())["goals"] == results.goals
     assert read_speedup(out / "speedup.json") == results
@@ -54,4 +57,5 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
     (run,) = client.search_runs([client.get_experiment_by_name("slc-test").experiment_id])
     assert run.info.run_name == "benchmark" and run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mlp/speedup")] == [1, 1000]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "trained/bce-s0/speedup")] == [3000]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"speedup.md", "speedup.png"}

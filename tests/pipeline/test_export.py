@@ -14,8 +14,9 @@ from onnx import numpy_helper
 from pipeline import export as stage
 from serving.errors import ExportError
 from serving.manifest import read_manifest
+from serving.registry import download
 from slc import exporting
-from slc.config import ModelConfig
+from slc.config import ConfigError, ModelConfig
 from slc.exporting import export_model, export_runs
 from slc.models import build_model, save_trained
 from slc.onnx_graphs import SyntheticRows, write_single_logit
@@ -280,10 +281,21 @@ def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(traine
     trials = [{"run_name": "bce-s0", "mlflow_run_id": None}, {"run_name": "bce-s1", "mlflow_run_id": run_id}]
     (tmp_path / "trials.json").write_text(json.dumps(
         [{**t, "loss": "bce", "seed": i, "status": "finished"} for i, t in enumerate(trials)]))
+    (tmp_path / "slc.json").write_text(json.dumps({"runs": {"bce-s0": {"1-auprc": 0.2}, "bce-s1": {"1-auprc": 0.1}}}))
     stage.main(["--params", str(tmp_path / "params.yaml"), "--models", str(trained / "models"),
                 "--thresholds", str(trained / "thresholds.json"), "--data", str(trained / "prepared"),
-                "--out", str(tmp_path / "exports"), "--trials", str(tmp_path / "trials.json")])
+                "--out", str(tmp_path / "exports"), "--trials", str(tmp_path / "trials.json"),
+                "--metrics", str(tmp_path / "export.json"), "--evaluation", str(tmp_path / "slc.json")])
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["bce-s0", "bce-s1"]
+
+    # what each export cost, for scaling studies: every byte on disk, the manifest's too
+    costs = json.loads((tmp_path / "export.json").read_text())
+    for run in ("bce-s0", "bce-s1"):
+        on_disk = list((tmp_path / "exports" / run).iterdir())
+        assert costs["runs"][run]["bytes"] == sum(p.stat().st_size for p in on_disk)
+        assert costs["runs"][run]["files"] == len(on_disk) and costs["runs"][run]["class_files"] == 1
+        assert costs["runs"][run]["wall_s"] > 0 and costs["runs"][run]["peak_rss_gb"] > 0
+    assert costs["bytes"] == sum(c["bytes"] for c in costs["runs"].values())
     manifest = read_manifest(tmp_path / "exports" / "bce-s1")
     assert manifest.run_name == "bce-s1" and manifest.thresholds == {"0.9": [0.0] * 10}
     assert manifest.normalisation["pixel_scale"] == 255.0 and list(manifest.models["classes"]) == ["9"]
@@ -301,6 +313,12 @@ def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(traine
     logged_full = mlflow.pyfunc.load_model(f"runs:/{run_id}/onnx_model")
     np.testing.assert_allclose(logged_full.predict({"image": images})["logits"], full, atol=1e-5)
 
+    # the best export (bce-s1, the lower 1-AUPRC) is registered: models:/slc@champion holds its files
+    name, alias = params.export.registered_model, params.export.registered_alias
+    version = client.get_model_version_by_alias(name, alias)
+    assert version.tags["run_name"] == "bce-s1" and version.run_id == run_id
+    assert read_manifest(download(f"models:/{name}@{alias}", tmp_path / "champion")) == manifest
+
 
 def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path, params):
     with pytest.raises(ExportError, match="ce-s0, not trained; available runs: bce-s0, bce-s1"):
@@ -316,6 +334,104 @@ def test_a_run_without_thresholds_asks_for_evaluate(trained, tmp_path, params):
     with pytest.raises(ExportError, match=r"not found: run `dvc repro evaluate`"):
         export_runs(stage_config(params), trained / "models", tmp_path / "missing.json",
                     trained / "prepared", tmp_path / "exports")
+
+
+# ---------- many classes ----------
+
+MANY = 5000
+
+
+@pytest.fixture(scope="module")
+def many_classes(tmp_path_factory, params):
+    """A 5,000-class mlp (random weights) exported with params.yaml's export settings."""
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    model = build_model(ModelConfig("mlp", 16, 4), shape, MANY).eval()
+    out = tmp_path_factory.mktemp("many") / "bce-s0"
+    thresholds = {"0.99": np.linspace(-1, 1, MANY).tolist()}
+    manifest = export_model(model, out, info_for(shape, MANY), thresholds, images(shape, n=8),
+                            classes=params.export.classes, verify_classes=params.export.verify_classes)
+    return model, out, manifest, shape
+
+
+def test_by_default_a_bounded_seeded_sample_of_classes_gets_its_own_file(many_classes, params):
+    _, out, manifest, _ = many_classes
+    assert params.export.classes == 32
+    assert len(manifest.models["classes"]) == 32 == len(list(out.glob("class_*.onnx")))
+    assert list(manifest.models["classes"]) == [str(c) for c in exporting.seeded_sample(MANY, 32)]
+
+
+def test_the_many_class_head_is_on_disk_once_shared_by_both_graphs(many_classes):
+    _, out, manifest, _ = many_classes
+    head_bytes = 4 * MANY * (16 + 1)
+    for name in ("model.onnx", "single_logit.onnx"):
+        assert external_locations(onnx.load(str(out / name), load_external_data=False)) == {"backbone.weights",
+                                                                                           "head.weights"}
+    assert [name for name, f in manifest.files.items() if f["bytes"] >= head_bytes] == ["head.weights"]
+
+
+def test_a_count_at_or_above_k_gives_every_class_its_file(tmp_path):
+    model, shape = tiny_model()
+    manifest = export_model(model, tmp_path / "run", info_for(shape), None, images(shape), classes=32)
+    assert manifest.models["classes"] == {str(c): f"class_{c}.onnx" for c in range(K)}
+
+
+def test_single_logit_answers_any_class_of_many_as_pytorch_does(many_classes):
+    model, out, _, shape = many_classes
+    x = images(shape, n=6, seed=3)
+    class_id = np.array([0, MANY - 1, 1, 2500, 4321, 17])
+    with torch.inference_mode():
+        logits = model(x).numpy()
+    np.testing.assert_allclose(run(out / "single_logit.onnx", image=x.numpy(), class_id=class_id),
+                               logits[np.arange(6), class_id], atol=1e-5)
+
+
+def test_verification_asks_single_logit_a_seeded_sample_with_the_first_and_last_class(tmp_path, monkeypatch):
+    asked, rounds = [], exporting._class_id_rounds
+
+    def recording(n, classes):
+        out = rounds(n, classes)
+        asked.extend(np.concatenate(out).tolist())
+        return out
+    monkeypatch.setattr(exporting, "_class_id_rounds", recording)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("mlp", 16, 4), (1, 8, 8), MANY).eval()
+    export_model(model, tmp_path / "run", info_for((1, 8, 8), MANY), None, images((1, 8, 8), n=8), classes="none",
+                 verify_classes=10)
+    expected = exporting.verified_classes(MANY, 10)
+    assert sorted(set(asked)) == expected.tolist() and len(expected) == 10
+    assert expected[0] == 0 and expected[-1] == MANY - 1
+    np.testing.assert_array_equal(exporting.verified_classes(MANY, 10), expected)  # the same sample every time
+    np.testing.assert_array_equal(exporting.verified_classes(7, 10), np.arange(7))
+
+
+def test_all_classes_beyond_the_cap_are_refused_before_any_file_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("mlp", 16, 4), (1, 8, 8), MANY).eval()
+    with pytest.raises(ExportError, match=r"'all' asks for 5,000 class files: at least 0\.3 MB .*the count 5000 to mean all"):
+        export_model(model, tmp_path / "run", info_for((1, 8, 8), MANY), None, images((1, 8, 8)), classes="all")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes, key", [({"classes": -1}, "export.classes"),
+                                          ({"verify_classes": 1}, "export.verify_classes")])
+def test_bad_export_class_settings_are_refused_naming_the_key(params, changes, key):
+    with pytest.raises(ConfigError, match=rf"^{key} = "):
+        dataclasses.replace(params.export, **changes)
+
+
+def test_a_many_class_export_loads_in_serving_and_decides_any_class(many_classes):
+    from serving.model import SingleLogitModel
+
+    model, out, manifest, shape = many_classes
+    served = SingleLogitModel.load(out, providers="CPUExecutionProvider")
+    x = images(shape, n=1, seed=5)
+    with torch.inference_mode():
+        expected = model(x).numpy()[0, [0, 2500, MANY - 1]]
+    result = served.classify(x.numpy(), [0, 2500, MANY - 1], recall=0.99)
+    np.testing.assert_allclose(result.logits, expected, atol=1e-5)
+    np.testing.assert_allclose(result.thresholds, [-1.0, manifest.thresholds["0.99"][2500], 1.0])
+    assert not served.thresholds(0.99).flags.writeable  # one array shared by every request
 
 
 # ---------- scale ----------

@@ -93,6 +93,9 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
         assert {"git_commit", "params_hash", "loss", "seed", "dataset"} <= child.data.params.keys()
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
         assert {"train_loss", "val_mean_auprc"} <= child.data.metrics.keys()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs, not GenAI
+    inputs = [[(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] for run in [parent, *children]]
+    assert inputs == [inputs[0]] * 3 and inputs[0][0][0] == "fashion_mnist"  # the prepared data, every run's one input
 
     ce = records[0]
     images = torch.stack([PreparedData(prepared).split("test")[i][0] for i in range(3)])
@@ -302,3 +305,12 @@ def test_ctrl_c_during_train_keeps_finished_trials_and_the_rerun_trains_only_the
     assert records[0] == first  # the kept trial's record (and MLflow run) is the first run's
     assert (tmp_path / "models" / "ce-s0" / "model.pt").stat().st_mtime_ns == kept_model
     load_trained(tmp_path / "models" / "bce-s0")
+
+
+def test_sampled_training_on_several_ddp_workers_is_refused_before_ray_starts(prepared, tmp_path, tiny_params):
+    params = tiny_params()
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, candidates=5),
+                                 ray=dataclasses.replace(params.ray, num_workers=2))
+    with pytest.raises(ConfigError, match="set ray.num_workers: 1"):
+        grid.run_grid(params, prepared, tmp_path / "models", tmp_path / "trials.json")
+    assert not (tmp_path / "trials.json").exists() and not ray.is_initialized()

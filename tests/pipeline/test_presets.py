@@ -55,8 +55,8 @@ def test_print_shows_the_command_without_running_it(capsys):
 
 def slow_if_heavy(name):
     """A preset whose network test_models builds only with the slow tests (inception_v3, here at
-    its 299x299 input) trains with them too, so `-m "not slow"` stays fast."""
-    heavy = PRESETS[name].get("model.name") in HEAVY
+    its 299x299 input) trains with them too, as does the 400,000-class one, so `-m "not slow"` stays fast."""
+    heavy = PRESETS[name].get("model.name") in HEAVY or PRESETS[name].get("data.name") == "tuples"  # 400,000 classes
     return pytest.param(name, marks=pytest.mark.slow) if heavy else name
 
 

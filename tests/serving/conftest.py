@@ -38,6 +38,18 @@ def export_dir(tmp_path_factory, trained) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def exports(export_dir) -> Path:
+    """The directory of two runs, as the export stage lays them out: ce-s0 and a differently seeded
+    bce-s1 with classes of other names and no thresholds."""
+    torch.manual_seed(1)
+    other = build_model(ModelConfig(name="mlp", hidden=16, channels=4), SHAPE, len(CLASSES)).eval()
+    info = {"run_name": "bce-s1", "loss": "bce", "dataset": "synthetic", "class_names": [f"c{i}" for i in range(5)],
+            "input_shape": list(SHAPE), "normalisation": NORMALISATION, "pixel_scale": 255.0}
+    export_model(other, export_dir.parent / "bce-s1", info, None, torch.randn(4, *SHAPE), classes=[])
+    return export_dir.parent
+
+
 @pytest.fixture
 def export_copy(export_dir, tmp_path) -> Path:
     """A private copy of the export, for tests that damage it."""

@@ -4,8 +4,10 @@ import re
 
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
+from serving.auth import ENV
 from serving.cli import main
 from serving.model import SingleLogitModel
 from tests.serving.conftest import THRESHOLDS
@@ -90,8 +92,48 @@ def test_a_tampered_export_exits_with_3_before_serving(capsys, export_copy, comm
     (["score", "{export}", "x.png"], "--class"),
     (["serve", "{export}", "--max-batch", "0"], "--max-batch"),
     (["serve", "{export}", "--onnx-threads", "two"], "--onnx-threads"),
+    (["serve", "{export}", "--batch-wait-ms", "0"], "--batch-wait-ms: '0' is not a positive number of milliseconds"),
+    (["serve", "{export}", "--batch-wait-ms", "-2.5"], "--batch-wait-ms"),
 ])
 def test_bad_arguments_are_a_usage_error_naming_the_flag(capsys, export_dir, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         main([a.format(export=export_dir) for a in argv])
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """`slc serve` up to the point where uvicorn would take over: what it would have served."""
+    monkeypatch.delenv(ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    return calls
+
+
+@pytest.mark.parametrize("host, token, warns", [("0.0.0.0", False, True), ("192.168.1.7", False, True),
+                                                ("0.0.0.0", True, False), ("127.0.0.1", False, False),
+                                                ("localhost", False, False), ("::1", False, False)])
+def test_serve_on_a_reachable_host_without_a_token_warns_loudly(capsys, served, export_dir, tmp_path, host, token, warns):
+    (tmp_path / "token").write_text("t0ken\n")
+    code, _, err = run(capsys, "serve", export_dir, "--host", host, *(["--token-file", tmp_path / "token"] if token else []))
+    assert code == 0 and served[0][1]["host"] == host
+    assert ("WARNING: serving on" in err and "without a token" in err and ENV in err) == warns, err
+
+
+def test_serve_takes_a_directory_of_exports_and_a_default_run(capsys, served, exports):
+    code, _, err = run(capsys, "serve", exports, "--default-run", "ce-s0")
+    paths = {route.path for route in served[0][0].routes}
+    assert code == 0 and "serving ce-s0 (single_logit) and 1 more run(s)" in err
+    assert {"/v1/runs/{run}/classes/{class_id}/score", "/v1/classes/{class_id}/score", "/metrics"} <= paths
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--default-run", "ce-s9"], 4, "run 'ce-s9' is not served here; the runs are bce-s1, ce-s0"),
+    (["--token-file", "{empty}"], 2, "the token file .*empty is empty"),
+    (["--token-file", "{absent}"], 2, "cannot read the token file"),
+])
+def test_serve_refuses_a_bad_setting_before_serving(capsys, served, exports, tmp_path, argv, code, message):
+    (tmp_path / "empty").write_text("")
+    argv = [a.format(empty=tmp_path / "empty", absent=tmp_path / "absent") for a in argv]
+    got, _, err = run(capsys, "serve", exports, *argv)
+    assert got == code and not served and re.search(message, err), err

@@ -1,4 +1,5 @@
-"""The HTTP app through a real uvicorn server on 127.0.0.1 (`slc serve` in a child process).
+"""The HTTP app through a real uvicorn server on 127.0.0.1 (`slc serve` in a child process), serving
+two runs with ce-s0 as the default.
 
 Every bad request gets the right 4xx and a message, and the next good request still succeeds with
 the library's answer.
@@ -19,8 +20,8 @@ MAX_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def url(export_dir):
-    with Server(export_dir, max_batch=MAX_BATCH) as server:
+def url(exports):
+    with Server(exports, max_batch=MAX_BATCH, options=["--default-run", "ce-s0"]) as server:
         yield server.url
 
 
@@ -67,7 +68,39 @@ def test_model_description_is_the_library_s(client, library):
 
 def test_openapi_docs_are_served(client):
     assert client.get("/docs").status_code == 200
-    assert "/v1/classes/{class_id}/score" in client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/classes/{class_id}/score", "/v1/runs/{run}/classes/{class_id}/score", "/v1/runs"} <= set(paths)
+
+
+def test_runs_lists_every_served_run_and_the_default(client):
+    body = client.get("/v1/runs").json()
+    assert body["default"] == "ce-s0"
+    assert [(run["run_name"], run["loss"], run["num_classes"]) for run in body["runs"]] == [("bce-s1", "bce", 5),
+                                                                                            ("ce-s0", "ce", 5)]
+
+
+def test_a_named_run_answers_with_its_own_model(client, exports, pixels):
+    other = SingleLogitModel.load(exports / "bce-s1", max_batch=MAX_BATCH)
+    response = client.post("/v1/runs/bce-s1/classes/2/score", files=upload(png(pixels[0]), png(pixels[1])))
+    body = response.json()
+    assert response.status_code == 200 and body["run_name"] == "bce-s1" and body["class_name"] == "c2"
+    assert body["threshold"] is None and body["decisions"] is None  # bce-s1 was exported without thresholds
+    np.testing.assert_allclose(body["logits"], other.score(pixels[:2], 2), rtol=1e-6)
+    assert client.get("/v1/runs/bce-s1/model").json() == other.describe()
+
+
+def test_the_default_run_answers_under_its_name_too(client, pixels):
+    files = upload(png(pixels[0]))
+    assert client.post("/v1/runs/ce-s0/classes/1/score", files=files).json() == \
+        client.post("/v1/classes/1/score", files=files).json()
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/runs/ce-s9/model"), ("POST", "/v1/runs/ce-s9/classes/1/score")])
+def test_an_unknown_run_is_a_404_listing_the_served_runs(client, library, pixels, method, path):
+    response = client.request(method, path, files=upload(png(pixels[0])) if method == "POST" else None)
+    assert response.status_code == 404
+    assert response.json()["detail"] == "run 'ce-s9' is not served here; the runs are bce-s1, ce-s0 (GET /v1/runs)"
+    assert_good_request_succeeds(client, library, pixels)
 
 
 def test_png_uploads_get_the_library_s_logits_and_decisions(client, library, pixels):
@@ -141,5 +174,25 @@ def test_bad_request_gets_a_4xx_and_the_server_keeps_serving(client, library, pi
 def test_a_body_too_large_for_any_batch_is_refused_before_it_is_read(client, library, pixels):
     limit = max_request_bytes(library)
     response = client.post("/v1/classes/1/score", files=upload(b"\0" * limit))
-    assert response.status_code == 413 and "bytes, at most" in response.json()["detail"]
+    assert response.status_code == 413 and f"at most {limit} are read" in response.json()["detail"]
+    assert_good_request_succeeds(client, library, pixels)
+
+
+def test_a_chunked_body_is_refused_while_it_streams_once_it_passes_the_limit(url, client, library, pixels):
+    """No Content-Length to refuse by: the server counts what arrives, answers 413 at the limit and
+    closes the connection, so the client stops sending long before its 100 MiB."""
+    sent = 0
+
+    def body():
+        nonlocal sent
+        yield b'--B\r\nContent-Disposition: form-data; name="files"; filename="x.npy"\r\n\r\n'
+        for _ in range(1600):
+            sent += 1 << 16
+            yield b"\0" * (1 << 16)
+        yield b"\r\n--B--\r\n"
+
+    with httpx.Client(base_url=url, timeout=60.0) as own:  # its connection gets closed
+        response = own.post("/v1/classes/1/score", content=body(), headers={"content-type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 413 and "more than" in response.json()["detail"]
+    assert response.headers["connection"] == "close" and sent < 20 * 2**20 < 100 * 2**20 == 1600 * (1 << 16)
     assert_good_request_succeeds(client, library, pixels)

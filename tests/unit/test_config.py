@@ -102,3 +102,14 @@ def test_invalid_yaml_and_missing_file_say_so(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("wait", [0, -1.5])
+def test_a_batch_wait_of_zero_or_less_is_refused(wait):
+    with pytest.raises(ConfigError, match=r"serving\.batch_wait_ms = .* expected null \(no batching\) or a positive"):
+        from_dict(Params, params_with("serving.batch_wait_ms", wait))
+
+
+def test_serving_defaults_batch_nothing_and_need_no_token():
+    serving = load_params("params.yaml").serving
+    assert serving.batch_wait_ms is None and serving.token_file is None and serving.host == "127.0.0.1"

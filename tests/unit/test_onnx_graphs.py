@@ -90,6 +90,17 @@ def test_single_logit_gives_each_row_the_logit_of_its_own_class(tmp_path, head, 
     np.testing.assert_allclose(logit, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_single_logit_touches_the_head_only_through_a_gather_of_one_row_per_class_id(tmp_path, head):
+    """O(d) per example at any k: no node multiplies the whole (k, d) head, only rows picked by class_id."""
+    weight, bias = head
+    model = onnx.load(str(write_single_logit(tmp_path, weight, bias, kinds=("single_logit",))["single_logit"]),
+                      load_external_data=False)
+    readers = [node for node in model.graph.node if {"slc_head_weight", "slc_head_bias"} & set(node.input)]
+    assert [(node.op_type, list(node.input)) for node in readers] == [
+        ("Gather", ["slc_head_weight", "class_id"]), ("Gather", ["slc_head_bias", "class_id"])]
+    assert all(attribute.i == 0 for node in readers for attribute in node.attribute if attribute.name == "axis")
+
+
 def test_full_head_gives_all_k_logits(tmp_path, head, features):
     weight, bias = head
     paths = write_single_logit(tmp_path, weight, bias, kinds=("full",))

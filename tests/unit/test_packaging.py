@@ -52,9 +52,13 @@ def third_party_imports(path: Path) -> set[str]:
     return modules - FIRST_PARTY - set(sys.stdlib_module_names)
 
 
+# serving modules that only an extra beyond `serve` needs; the others must run with `serve` alone
+EXTRAS = {"ray_app.py": "ray-serve", "registry.py": "registry"}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "serving").glob("*.py")), ids=lambda p: p.name)
 def test_every_third_party_import_of_serving_is_in_the_serve_extra(path):
-    extra = "ray-serve" if path.name == "ray_app.py" else "serve"
+    extra = EXTRAS.get(path.name, "serve")
     allowed = {canonicalize_name(req.name) for req in requirements(extra)}
     for module in sorted(third_party_imports(path)):
         dists = {canonicalize_name(d) for d in module_distributions().get(module, [module])}

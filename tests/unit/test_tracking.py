@@ -94,3 +94,38 @@ def test_runs_lost_with_a_deleted_store_are_one_warning_that_says_how_to_recover
     with pytest.warns(UserWarning, match=r"has no run for ce-s0, bce-s0 \(was mlflow.db deleted.*"
                                          r"`dvc repro --force train`"):
         assert tracking.trial_runs(emptied, trials, {"ce-s0", "bce-s0"}) == {}
+
+
+def test_the_experiment_is_tagged_as_model_training_when_created_and_when_found_untagged(uri):
+    client = MlflowClient(uri)
+    older = client.create_experiment("older")  # as an earlier version of the pipeline left it
+    assert tracking.experiment_id(uri, "older") == older
+    for name in ("older", "slc"):
+        tags = client.get_experiment(tracking.experiment_id(uri, name)).tags
+        assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_the_ui_link_opens_the_runs_in_the_model_training_view():
+    assert tracking.runs_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+
+
+META = {"dataset": "fashion_mnist", "splits": {"train": 9, "val": 1, "test": 2}, "checksums": {"train_images.npy": "ab"}}
+
+
+def test_the_prepared_data_is_each_runs_training_input_with_a_digest_of_its_meta(uri, tmp_path):
+    parent = tracking.start_grid(uri, "slc", "grid", {}, {})
+    child = tracking.start_trial(uri, parent, "ce-s0", {}, {})
+    other_data = tracking.start_grid(uri, "slc", "grid", {}, {})
+    tracking.log_prepared_data(uri, [parent, child], META, tmp_path / "prepared")
+    tracking.log_prepared_data(uri, [other_data], {**META, "checksums": {"train_images.npy": "cd"}}, tmp_path / "prepared")
+
+    client = MlflowClient(uri)
+    inputs = {run: client.get_run(run).inputs.dataset_inputs for run in (parent, child, other_data)}
+    assert all(len(found) == 1 for found in inputs.values())
+    first = inputs[child][0]
+    assert first.dataset.name == "fashion_mnist" and re.fullmatch(r"[0-9a-f]{8}", first.dataset.digest)
+    assert {(tag.key, tag.value) for tag in first.tags} == {("mlflow.data.context", "training")}
+    assert mlflow.data.get_source(first).uri == str(tmp_path / "prepared")
+    assert inputs[parent][0].dataset.digest == first.dataset.digest  # the same data, the same digest
+    assert inputs[other_data][0].dataset.digest != first.dataset.digest  # one file changed, another digest
