@@ -41,9 +41,9 @@ def download(source: str, cache: Path | None = None) -> Path:
         raise SetupError(f"{source!r} is not a registry source: write models:/<name>@<alias> (e.g. "
                          f"models:/slc@champion) or models:/<name>/<version> (e.g. models:/slc/3)")
     mlflow = _mlflow()
-    uri = mlflow.get_registry_uri()
+    uri = registry_uri()
     _check_reachable(uri)
-    client = mlflow.MlflowClient(registry_uri=uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = match["name"]
     version = client.get_model_version(name, _version(client, uri, name, match["alias"], match["version"]))
     cache = cache_dir() if cache is None else Path(cache)
@@ -52,11 +52,19 @@ def download(source: str, cache: Path | None = None) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))  # renamed when complete
         try:
-            mlflow.artifacts.download_artifacts(f"{PREFIX}{name}/{version.version}", dst_path=str(partial))
-            os.replace(partial, target)
+            # from where the version's files are (not models:/..., which MLflow resolves in its global store)
+            files = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(partial),
+                                                        tracking_uri=uri)
+            os.replace(files, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def registry_uri() -> str:
+    """MLFLOW_REGISTRY_URI, else MLFLOW_TRACKING_URI, else MLflow's default store ./mlflow.db: read from
+    the environment, not from MLflow's process-wide setting, which code run before may have changed."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def cache_dir() -> Path:

@@ -190,13 +190,17 @@ def resumed_run(run_id: str, uri: str) -> Iterator:
     leaving its status alone: resuming a finished trial run must not mark it running again."""
     import mlflow
 
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = _client(uri)
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
-        yield run
-    if status != "RUNNING":
-        client.set_terminated(run_id, status)
+    try:
+        client = _client(uri)
+        status = client.get_run(run_id).info.status
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
+            yield run
+        if status != "RUNNING":
+            client.set_terminated(run_id, status)
+    finally:  # MLflow's setting is process-wide: leave it as it was found
+        mlflow.set_tracking_uri(previous)
 
 
 def log_model(uri: str, run_id: str, model, example) -> None:
