@@ -99,6 +99,7 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
 
     ce = records[0]
     images = torch.stack([PreparedData(prepared).split("test")[i][0] for i in range(3)])
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)  # the grid leaves MLflow's process-wide setting alone
     logged = mlflow.pytorch.load_model(f"runs:/{ce.mlflow_run_id}/model")
     model, _ = load_trained(ce.model_dir)
     with torch.no_grad():
