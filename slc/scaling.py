@@ -25,14 +25,13 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from slc import timing
 from slc.benchmarking import session_providers, time_exports, write_gemv_probe
-from slc.candidates import draw_candidates
 from slc.config import Params, from_dict
 from slc.data import PreparedData
 from slc.errors import PipelineError
 from slc.files import save_figure, write_json, write_text_atomic
 from slc.losses import make_loss
 from slc.models import build_model
-from slc.training import make_optimizers
+from slc.training import make_optimizers, make_step
 
 STAGES = {
     "prepare": ["--out", "data"],
@@ -98,25 +97,22 @@ def step_ms(params: Params, data: PreparedData, loss: str, candidates: int | Non
     model = build_model(params.model, data.input_shape, data.num_classes)
     optimizers = make_optimizers(model, train)
     loss_fn = make_loss(loss, train, generator=generator)
+    step = make_step(candidates, data.num_classes, generator)
     split = data.split("train")  # drawn with replacement: as many full batches as asked for, at any k
     sampler = RandomSampler(split, replacement=True, num_samples=train.batch_size * (warmup + max_steps),
                             generator=generator)
     loader = iter(DataLoader(split, batch_size=train.batch_size, sampler=sampler))
     times, spent = [], 0.0
-    for step in range(warmup + max_steps):
+    for number in range(warmup + max_steps):
         images, labels = next(loader)
         started = time.perf_counter()
-        if candidates is None:
-            value = loss_fn(model(images), labels)
-        else:
-            drawn = draw_candidates(labels, data.num_classes, candidates, generator)
-            value = loss_fn(model(images, drawn.classes), drawn.targets, candidates=drawn)
+        value = step(model, images, labels, loss_fn)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         value.backward()
         for optimizer in optimizers:
             optimizer.step()
-        if step >= warmup:
+        if number >= warmup:
             times.append(time.perf_counter() - started)
             spent += times[-1]
             if spent > budget_s:

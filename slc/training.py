@@ -225,7 +225,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
     if state is not None:
         for optimizer, saved in zip(optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
-    step = _sampled_step(cfg.candidates, data.num_classes, generator) if cfg.candidates else _exact_step
+    step = make_step(cfg.candidates, data.num_classes, generator)
     val_classes = class_sample(data.num_classes, cfg.val_classes)
     history = [EpochReport(**row) for row in state["history"]] if state is not None else []
     loader = wrap_loader(DataLoader(train_split, batch_size=cfg.batch_size, shuffle=True, generator=generator,
@@ -271,6 +271,11 @@ Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tens
 
 def _exact_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
     return loss_fn(model(images), labels)
+
+
+def make_step(candidates: int | None, num_classes: int, generator: torch.Generator) -> Step:
+    """The loss of one batch: over all k classes, or (`candidates` set) sampled as in slc.candidates."""
+    return _exact_step if candidates is None else _sampled_step(candidates, num_classes, generator)
 
 
 def _sampled_step(candidates: int, num_classes: int, generator: torch.Generator) -> Step:
