@@ -91,6 +91,7 @@ class ModelConfig:
     name: str
     hidden: int
     channels: int
+    weights: str | None
 
 
 @_config
@@ -106,6 +107,11 @@ class TrainConfig:
     nce_noise: str
     candidates: int | None
     val_classes: int | None
+    lr_schedule: str
+    warmup_epochs: int
+    augment: str
+    amp: bool
+    loader_workers: int | None
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "nce_noise_samples"):
@@ -116,6 +122,11 @@ class TrainConfig:
                  "null (every class) or a number of classes to validate on >= 1")
         for key in ("lr", "margin", "self_norm_alpha"):
             _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive number")
+        _require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
+                 f"0 or more epochs, fewer than train.epochs ({self.epochs})")
+        _require(self.loader_workers is None or self.loader_workers >= 0, "train.loader_workers",
+                 self.loader_workers, "null (one per CPU of a Train worker, less one), 0 (load in the training "
+                 "process) or a positive count")
 
 
 @_config

@@ -18,6 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
 
 from slc.config import ConfigError, DataConfig
 from slc.errors import PipelineError
@@ -278,6 +279,31 @@ def load_raw(cfg: DataConfig) -> RawDataset:
     return loader(cfg)
 
 
+# Training-time augmentations, each built for an image size (H, W); evaluation never augments.
+AUGMENTATIONS: dict[str, Callable[[tuple[int, int]], v2.Transform | None]] = {
+    "none": lambda size: None,
+    "crop": lambda size: v2.RandomCrop(size, padding=4),  # the CIFAR/SVHN shift of up to 4 pixels
+    "crop_flip": lambda size: v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]),
+    "resized_crop_flip": lambda size: v2.Compose([v2.RandomResizedCrop(size, antialias=True),
+                                                  v2.RandomHorizontalFlip()]),  # ImageNet's
+}
+# A mirror image is another class here: digits read backwards, a tuple's items in reverse order.
+MIRROR_CHANGES_CLASS = ("mnist", "svhn", "tuples")
+MIN_CROP_SIZE = 16  # a 4-pixel shift would move a quarter or more of a smaller image out of view
+
+
+def check_augmentation(name: str, dataset: str, input_shape: tuple[int, int, int]) -> None:
+    """Refuse, before training, an augmentation unknown or wrong for the data it would change."""
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"unknown train.augment {name!r}; known: {', '.join(AUGMENTATIONS)}")
+    if "flip" in name and dataset in MIRROR_CHANGES_CLASS:
+        raise ConfigError(f"train.augment = {name} flips images, but a mirrored {dataset} image is another class "
+                          f"(or none): use crop, or none")
+    if "crop" in name and min(input_shape[1:]) < MIN_CROP_SIZE:
+        raise ConfigError(f"train.augment = {name} crops, but {dataset} images are {input_shape[1]}x{input_shape[2]} "
+                          f"pixels (at least {MIN_CROP_SIZE} needed): use none")
+
+
 def load_image(path: str, size: int) -> np.ndarray:
     """One image file as uint8 (3, size, size): how indexed datasets are decoded everywhere."""
     with Image.open(path) as image:
@@ -306,17 +332,19 @@ class PreparedData:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["input_shape"])
 
-    def split(self, name: str) -> PreparedSplit:
+    def split(self, name: str, augment: str = "none") -> PreparedSplit:
         if name not in self.meta["splits"]:
             raise KeyError(f"unknown split {name!r}; {self.root} has {', '.join(self.meta['splits'])}")
-        return PreparedSplit(self.root, name, self.meta)
+        return PreparedSplit(self.root, name, self.meta, augment)
 
 
 class PreparedSplit(torch.utils.data.Dataset):
     """Normalised float32 images (C, H, W) and int64 labels; arrays are memory-mapped, files read and
-    tuples composed lazily, batch by batch."""
+    tuples composed lazily, batch by batch, each image then augmented by `augment` (AUGMENTATIONS)."""
 
-    def __init__(self, root: Path, name: str, meta: dict):
+    def __init__(self, root: Path, name: str, meta: dict, augment: str = "none"):
+        check_augmentation(augment, meta["dataset"], meta["input_shape"])
+        self.augment = AUGMENTATIONS[augment](tuple(meta["input_shape"][1:]))
         self.image_size = meta["input_shape"][-1]
         norm = meta["normalisation"]
         self.scale = meta["pixel_scale"]
@@ -351,6 +379,8 @@ class PreparedSplit(torch.utils.data.Dataset):
             raw = compose(self.pool, self.parts[index])
         else:
             raw = np.stack([load_image(self.paths[i], self.image_size) for i in index])
+        if self.augment is not None:  # torch's RNG: seeded per loader worker, and saved in checkpoints
+            raw = np.stack([self.augment(torch.from_numpy(np.ascontiguousarray(image))).numpy() for image in raw])
         return list(zip(self.normalise(raw), torch.from_numpy(self.labels[index])))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from slc.models import build_model, save_trained
 from slc.ray_trial import DRIVER_CPUS, EPOCH_METRICS, connect, one_line, run_trial, worker_resources
 from slc.records import RecordError, TrialRecord, read_trials, write_trials
-from slc.training import CHECKPOINT_FILE, RunConfig, check_trainable, trained_info
+from slc.training import CHECKPOINT_FILE, RunConfig, check_trainable, loader_workers, trained_info
 
 log = logging.getLogger(__name__)
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
@@ -182,6 +182,7 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
          recorder: _Recorder, storage: Path) -> None:
     """One Tune run over the `todo` trials, under a new MLflow parent run."""
     resources = worker_resources(params.ray, connect(params.ray))
+    loader_workers(params.train, resources["CPU"])  # too many for a worker's CPUs: refused before any trial
     uri = recorder.uri
     grid_name = f"grid-{time.strftime('%Y%m%d-%H%M%S')}"
     common = {"dataset": data.meta["dataset"], "model": sections["model"], "train": sections["train"],

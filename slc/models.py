@@ -214,30 +214,31 @@ def load_trained(run_dir: str | Path) -> tuple[SLCNet, dict]:
 
 def predict_logits(model: nn.Module, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",
                    scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   desc: str | None = None) -> np.ndarray:
+                   desc: str | None = None, workers: int = 0) -> np.ndarray:
     """All logits (n, k) of a dataset, float32, in its order, in eval mode (the model's mode is
-    restored afterwards). `scale_shift` renormalises inputs first; `desc` shows a progress bar."""
-    return _predict(model, model, dataset, batch_size, device, scale_shift, desc).numpy()
+    restored afterwards). `scale_shift` renormalises inputs first; `desc` shows a progress bar;
+    `workers` read and decode batches in other processes."""
+    return _predict(model, model, dataset, batch_size, device, scale_shift, desc, workers).numpy()
 
 
 def predict_features(model: SLCNet, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",
                      scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     desc: str | None = None) -> torch.Tensor:
+                     desc: str | None = None, workers: int = 0) -> torch.Tensor:
     """The backbone's features (n, d) of a dataset, as `predict_logits` computes its logits: what
     many-class scoring computes once and then multiplies by the head in chunks of classes."""
-    return _predict(model, model.features, dataset, batch_size, device, scale_shift, desc)
+    return _predict(model, model.features, dataset, batch_size, device, scale_shift, desc, workers)
 
 
 @torch.inference_mode()
 def _predict(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int,
              device: torch.device | str, scale_shift: tuple[torch.Tensor, torch.Tensor] | None,
-             desc: str | None) -> torch.Tensor:
+             desc: str | None, workers: int) -> torch.Tensor:
     """Outputs go straight into one tensor allocated at the first batch: kept per batch, small outputs
     between the large freed inputs fragment the heap, and 400,000 images left ~7 GB resident."""
     scale, shift = scale_shift if scale_shift is not None else (1.0, 0.0)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     result, start = None, 0
     for images, _ in tqdm(loader, desc=desc, leave=False, disable=None if desc else True):
         out = forward((images * scale + shift).to(device)).float().cpu()

@@ -77,7 +77,9 @@ def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
         return loader
     sampler = DistributedSampler(loader.dataset, shuffle=True, seed=seed, drop_last=True)
     samplers.append(sampler)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor)
 
 
 def _train_worker(config: dict) -> dict | None:
@@ -98,7 +100,7 @@ def _train_worker(config: dict) -> dict | None:
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume:
         result = train_one(run, data, workdir, on_epoch=on_epoch,
                            wrap_model=prepare_model, wrap_loader=lambda loader: _shard(loader, run.seed, samplers),
-                           resume_from=resume, device=get_device(), progress=False)
+                           resume_from=resume, device=get_device(), cpus=config["cpus"], progress=False)
     shard = sorted(samplers[0]) if samplers else list(range(len(data.split("train"))))
     shards, speeds = [shard], [result.samples_per_s]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -126,7 +128,8 @@ def run_trial(config: dict) -> dict:
     trial, ray_cfg = config["trial"], from_dict(RayConfig, config["ray"], "ray")
     started = time.perf_counter()
     trainer = TorchTrainer(
-        _train_worker, train_loop_config={**trial, **{k: config[k] for k in ("model", "train", "data")}},
+        _train_worker, train_loop_config={**trial, **{k: config[k] for k in ("model", "train", "data")},
+                                          "cpus": config["worker_resources"]["CPU"]},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker=config["worker_resources"]),
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from slc.candidates import draw_candidates
 from slc.config import ConfigError, ModelConfig, TrainConfig
-from slc.data import PreparedData
+from slc.data import PreparedData, PreparedSplit, check_augmentation
 from slc.losses import make_loss
 from slc.models import SLCNet, build_model, predict_features
 from slc.scoring import Head, class_sample, score_classes
@@ -107,10 +107,58 @@ def make_optimizers(model: SLCNet, cfg: TrainConfig) -> list[torch.optim.Optimiz
             SPARSE_OPTIMIZERS[cfg.optimizer](head, lr=cfg.lr)]
 
 
+# The learning rate's factor at a fraction of the steps after warm-up (0 at the first, ->1 at the last).
+LR_SCHEDULES: dict[str, Callable[[float], float]] = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "step": lambda progress: 0.1 ** int(3 * progress),  # torchvision's ImageNet recipe: x0.1 at epochs 30 and 60 of 90
+}
+
+
+def make_schedulers(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig,
+                    steps_per_epoch: int) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """A per-step learning rate: linear warm-up over `warmup_epochs`, then `lr_schedule`."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return LR_SCHEDULES[cfg.lr_schedule]((step - warmup) / max(1, total - warmup))
+    return [torch.optim.lr_scheduler.LambdaLR(optimizer, factor) for optimizer in optimizers]
+
+
+def loader_workers(cfg: TrainConfig, cpus: float) -> int:
+    """The loader processes of a run with `cpus` CPUs: train.loader_workers, or (null) one per CPU
+    but the one training runs on. More workers than CPUs would only take time from training."""
+    whole = max(1, round(cpus))
+    if cfg.loader_workers is None:
+        return whole - 1
+    if cfg.loader_workers > whole:
+        raise ConfigError(f"train.loader_workers = {cfg.loader_workers} is more than the {whole} CPU(s) a Train worker "
+                          f"has: use at most {whole}, null (one per CPU less one), or give each worker more CPUs "
+                          f"(ray.cpus_per_worker, fewer ray.max_concurrent_trials)")
+    return cfg.loader_workers
+
+
+def train_loader(split: PreparedSplit, batch_size: int, generator: torch.Generator, workers: int,
+                 device: str | torch.device) -> DataLoader:
+    """Shuffled training batches. With workers, reading, decoding and augmenting run in other processes
+    while the model trains; pinned memory lets a GPU copy a batch while it computes. The workers are
+    started anew each epoch (not persistent): they are seeded from `generator` then, so a run resumed
+    from a checkpoint augments exactly as one that did not stop."""
+    return DataLoader(split, batch_size=batch_size, shuffle=True, generator=generator,
+                      drop_last=len(split) > batch_size, num_workers=workers,
+                      pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers else None)
+
+
 def check_trainable(config: RunConfig, data: PreparedData) -> None:
     """Refuse, before any work, settings that cannot train: a candidate count above k, a loss that
-    has no sampled form for them, a head or a step's logits that will not fit in memory."""
+    has no sampled form for them, an augmentation the data cannot take, an unknown schedule, a head
+    or a step's logits that will not fit in memory."""
     cfg, k = config.train, data.num_classes
+    check_augmentation(cfg.augment, data.meta["dataset"], data.input_shape)
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown train.lr_schedule {cfg.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     if cfg.candidates is not None:
         if cfg.candidates > k:
             raise ConfigError(f"train.candidates = {cfg.candidates} is above the {k} classes of {data.root}: "
@@ -176,8 +224,12 @@ def _save_checkpoint(target: Path, state: dict) -> None:
 
 
 def _fingerprint(config: RunConfig) -> dict:
-    """What a checkpoint must agree on to be resumed; not `epochs`, so a finished run can be extended."""
-    return dataclasses.asdict(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=1)))
+    """What a checkpoint must agree on to be resumed; not `epochs`, so a finished run can be extended,
+    nor `loader_workers`, which does not change what is trained."""
+    fingerprint = dataclasses.asdict(config)
+    for key in ("epochs", "loader_workers"):
+        del fingerprint["train"][key]
+    return fingerprint
 
 
 def _load_checkpoint(directory: Path, config: RunConfig) -> dict:
@@ -194,6 +246,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
               wrap_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader,
               resume_from: str | Path | None = None,
               device: str | torch.device = "cpu",
+              cpus: float = 1.0,
               progress: bool = True) -> TrainResult:
     """Train `config.model` with `config.loss` on data's train split; validate after every epoch.
 
@@ -201,7 +254,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
     the data and draws nce's noise classes; both RNG states go into each checkpoint, so a resumed
     run continues exactly as if it had not stopped. A non-finite loss ends the run with status
     "failed" and the epoch, step and value in `error`, keeping the last good checkpoint, instead
-    of raising and taking a whole grid of runs down with it.
+    of raising and taking a whole grid of runs down with it. `cpus` is what the run may use (a Ray
+    Train worker's share): `train.loader_workers: null` follows it.
     """
     started = time.perf_counter()
     workdir = Path(workdir)
@@ -210,7 +264,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes)
-    train_split, val_split = data.split("train"), data.split("val")
+    workers = loader_workers(cfg, cpus)
+    train_split, val_split = data.split("train", cfg.augment), data.split("val")
     class_counts = np.bincount(train_split.labels, minlength=data.num_classes)
     loss_fn = make_loss(config.loss, cfg, class_counts, generator)
 
@@ -222,20 +277,23 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         torch.set_rng_state(state["torch_rng"])
     optimizers = make_optimizers(model.to(device), cfg)
     model = wrap_model(model)
-    if state is not None:
+    loader = wrap_loader(train_loader(train_split, cfg.batch_size, generator, workers, device))
+    schedulers = make_schedulers(optimizers, cfg, len(loader))
+    if state is not None:  # after the schedulers, which would otherwise reset the restored learning rates
         for optimizer, saved in zip(optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
     step = make_step(cfg.candidates, data.num_classes, generator)
     val_classes = class_sample(data.num_classes, cfg.val_classes)
     history = [EpochReport(**row) for row in state["history"]] if state is not None else []
-    loader = wrap_loader(DataLoader(train_split, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                                    drop_last=len(train_split) > cfg.batch_size))
     error, samples, train_seconds = None, 0, 0.0
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle every epoch
         try:
-            epoch_loss, epoch_samples, seconds = _train_epoch(model, loader, step, loss_fn, optimizers, device,
+            epoch_loss, epoch_samples, seconds = _train_epoch(model, loader, step, loss_fn, optimizers, schedulers,
+                                                              device, cfg.amp,
                                                               f"{config.run_name} epoch {epoch}/{cfg.epochs}",
                                                               progress and _is_main_process())
         except NonFiniteLoss as failure:
@@ -243,7 +301,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
             break
         samples, train_seconds = samples + epoch_samples, train_seconds + seconds
         net = getattr(model, "module", model)
-        val = score_classes(predict_features(net, val_split, device=device), val_split.labels, Head.of(net.head),
+        val = score_classes(predict_features(net, val_split, device=device, workers=workers), val_split.labels,
+                            Head.of(net.head),
                             val_classes, recalls=(), hist_bins=1)
         main = _is_main_process()
         checkpoint_dir = _checkpoint_dir(workdir, epoch) if main else None
@@ -253,7 +312,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         if main:
             _save_checkpoint(checkpoint_dir, {
                 "config": _fingerprint(config), "model": getattr(model, "module", model).state_dict(),
-                "optimizers": [o.state_dict() for o in optimizers], "generator": generator.get_state(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(r) for r in history]})
         if progress and main:
             log.info("%s epoch %d/%d: train loss %.4f, val accuracy %.4f, val mean AUPRC %.4f (%.1f s)",
@@ -270,7 +330,7 @@ Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tens
 
 
 def _exact_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
-    return loss_fn(model(images), labels)
+    return loss_fn(model(images).float(), labels)  # float: the losses stay in float32 under autocast
 
 
 def make_step(candidates: int | None, num_classes: int, generator: torch.Generator) -> Step:
@@ -282,20 +342,22 @@ def _sampled_step(candidates: int, num_classes: int, generator: torch.Generator)
     """A step on the batch's classes plus `candidates` negatives (slc.candidates), from `generator`."""
     def step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss_fn) -> torch.Tensor:
         drawn = draw_candidates(labels, num_classes, candidates, generator)
-        return loss_fn(model(images, drawn.classes), drawn.targets, candidates=drawn)
+        return loss_fn(model(images, drawn.classes).float(), drawn.targets, candidates=drawn)
     return step
 
 
-def _train_epoch(model, loader, step: Step, loss_fn, optimizers, device, description: str,
+def _train_epoch(model, loader, step: Step, loss_fn, optimizers, schedulers, device, amp: bool, description: str,
                  progress: bool) -> tuple[float, int, float]:
-    """One pass over the loader: (mean loss across processes, local samples, seconds)."""
+    """One pass over the loader: (mean loss across processes, local samples, seconds). `amp` runs the
+    forward pass in bfloat16 autocast: float32's range, so no loss scaling is needed."""
     model.train()
     start = time.perf_counter()
     total, count, samples = 0.0, 0, 0
     bar = tqdm(loader, desc=description, disable=None if progress else True, leave=False)
     for number, (images, labels) in enumerate(bar, start=1):
-        images, labels = images.to(device), labels.to(device)
-        loss = step(model, images, labels, loss_fn)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            loss = step(model, images, labels, loss_fn)
         if not _finite_everywhere(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at step {number} of {len(loader)}")
         for optimizer in optimizers:
@@ -303,6 +365,8 @@ def _train_epoch(model, loader, step: Step, loss_fn, optimizers, device, descrip
         loss.backward()
         for optimizer in optimizers:
             optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
         total, count, samples = total + loss.item(), count + 1, samples + len(labels)
         if number % 50 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}")

@@ -63,13 +63,14 @@ def slow_if_heavy(name):
 @pytest.mark.parametrize("name", [slow_if_heavy(name) for name in sorted(PRESETS)])
 def test_a_preset_trains_on_its_datasets_real_file_format(name, tmp_path, monkeypatch):
     """Its dataset in torchvision's (or ImageNet's) real layout, its network at its input size, one
-    epoch of its first loss on CPU: everything but the GPU cluster's scale."""
+    epoch of its first loss on CPU with its recipe (augmentation, schedule, autocast): everything but
+    the GPU cluster's scale."""
     params = preset_params(name)
     write_torchvision_dataset(params.data.name, tmp_path / "raw", monkeypatch)
     prepare(dataclasses.replace(params.data, root=str(tmp_path / "raw"), train_limit=20), tmp_path / "prepared")
     data = PreparedData(tmp_path / "prepared")
     run = RunConfig(params.grid.losses[0], 0, params.model,
-                    dataclasses.replace(params.train, epochs=1, batch_size=4))
+                    dataclasses.replace(params.train, epochs=1, warmup_epochs=0, batch_size=4))
     result = train_one(run, data, tmp_path / "work", progress=False)
     assert result.status == "finished" and result.epochs_completed == 1, result.error
     assert result.model.head.out_features == data.meta["num_classes"]
