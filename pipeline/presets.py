@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from slc.config import ConfigError, Params, from_dict
+from slc.cost import training_cost
 
 MANY_CLASSES = "many_classes_400k"  # also the settings of the scaling study (pipeline.scaling), at each k
 
@@ -96,11 +97,35 @@ def dvc_command(name: str) -> list[str]:
     return ["dvc", "exp", "run", "--name", name, *[arg for s in sets for arg in ("-S", s)]]
 
 
+def cost_table(names: list[str], tflops: float) -> str:
+    """Markdown: what each preset's grid would cost on GPUs at `tflops` sustained (slc.cost)."""
+    rows = [f"| preset | forward GFLOP / image | images x epochs x runs | PFLOP | GPU-hours at {tflops:g} TFLOP/s "
+            f"| images/s each GPU takes |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for name in names:
+        c = training_cost(preset_params(name), tflops)
+        rows.append(f"| {name} | {c.forward_gflop:.3g} | {c.images_per_epoch:,} x {c.epochs} x {c.runs} | "
+                    f"{_figure(c.total_pflop)} | {_figure(c.gpu_hours)} | {c.images_per_s_per_gpu:,.0f} |")
+    return "\n".join(rows)
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.2g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("preset", nargs="?", choices=sorted(PRESETS))
     parser.add_argument("--print", action="store_true", help="print the dvc command instead of running it")
+    parser.add_argument("--cost", action="store_true", help="print what the preset (or every preset) would cost on "
+                        "GPUs: counted FLOPs, and GPU-hours at --tflops sustained per GPU")
+    parser.add_argument("--tflops", type=float, default=100.0, help="assumed sustained training throughput of one "
+                        "GPU, in TFLOP/s (default 100: about a tenth of an H100's dense bfloat16 peak)")
     args, extra = parser.parse_known_args(argv)  # extra arguments go to `dvc exp run`, e.g. --queue
+    if args.cost:
+        print(cost_table([args.preset] if args.preset else list(PRESETS), args.tflops))
+        return 0
+    if args.preset is None:
+        parser.error("name a preset (or --cost for all of them)")
     preset_params(args.preset)  # a preset that no longer fits params.yaml fails here, not mid-pipeline
     command = dvc_command(args.preset) + extra
     if args.print:

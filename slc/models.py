@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto, whose asyncio variant opens a second (unused) DataLoader iterator
 
 from slc.candidates import SparseRows
 from slc.config import ConfigError, ModelConfig, from_dict

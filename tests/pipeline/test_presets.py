@@ -8,6 +8,7 @@ import yaml
 from pipeline import presets
 from pipeline.presets import PRESETS, dvc_command, preset_params
 from slc.config import ConfigError
+from slc.cost import forward_flops, training_cost
 from slc.data import PreparedData
 from slc.preparation import prepare
 from slc.training import RunConfig, train_one
@@ -74,3 +75,31 @@ def test_a_preset_trains_on_its_datasets_real_file_format(name, tmp_path, monkey
     result = train_one(run, data, tmp_path / "work", progress=False)
     assert result.status == "finished" and result.epochs_completed == 1, result.error
     assert result.model.head.out_features == data.meta["num_classes"]
+
+
+def test_the_forward_flops_are_counted_on_the_presets_network(params):
+    """The paper's MNIST mlp: 784 x 1024 and 1024 x 10 multiply-adds, two FLOPs each."""
+    mlp = preset_params("mnist_mlp")
+    assert forward_flops(mlp, (1, 28, 28), 10) == 2 * (784 * 1024 + 1024 * 10)
+
+
+def test_the_cost_of_a_grid_is_three_forwards_per_image_epoch_and_run():
+    cost = training_cost(preset_params("cifar10_conv6"), tflops=100)
+    assert (cost.images_per_epoch, cost.epochs, cost.runs) == (45_000, 50, 21)
+    assert cost.total_pflop * 1e15 == pytest.approx(3 * cost.forward_gflop * 1e9 * 45_000 * 50 * 21)
+    assert cost.gpu_hours == pytest.approx(cost.total_pflop * 1e15 / 100e12 / 3600)
+    assert cost.images_per_s_per_gpu == pytest.approx(100e12 / (3 * cost.forward_gflop * 1e9))
+
+
+def test_cost_prints_a_row_for_every_preset(capsys, monkeypatch):
+    monkeypatch.setattr(presets, "training_cost", lambda params, tflops: training_cost(
+        dataclasses.replace(params, model=dataclasses.replace(params.model, name="mlp", hidden=8)), tflops))
+    assert presets.main(["--cost", "--tflops", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours at 50 TFLOP/s" in out
+    assert [name for name in PRESETS if f"| {name} |" not in out] == []
+
+
+def test_cost_of_a_dataset_without_known_size_is_refused(params):
+    with pytest.raises(ValueError, match="no size on record for data.name 'folder'"):
+        training_cost(dataclasses.replace(params, data=dataclasses.replace(params.data, name="folder")), 100)
