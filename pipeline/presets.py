@@ -38,7 +38,7 @@ _SMALL_IMAGES = {"train.epochs": 50, "train.batch_size": 128, "train.optimizer":
 PRESETS: dict[str, dict[str, object]] = {
     # Table 1, MNIST: two fully connected layers; no augmentation (a shifted or mirrored digit is another digit)
     "mnist_mlp": {"data.name": "mnist", "model.name": "mlp", "model.hidden": 1024, **_SMALL_IMAGES,
-                  "train.epochs": 30, "train.weight_decay": 0.0, "train.augment": "none"},
+                  "train.epochs": 30, "train.optimizer": "adam", "train.weight_decay": 0.0, "train.augment": "none"},
     # Table 1, SVHN / CIFAR-10 / CIFAR-100: six conv layers and one fully connected layer. SVHN's digits
     # are shifted but never mirrored; CIFAR's objects are both.
     "svhn_conv6": {"data.name": "svhn", "model.name": "conv6", "model.channels": 64, **_SMALL_IMAGES,
@@ -97,6 +97,29 @@ def dvc_command(name: str) -> list[str]:
     return ["dvc", "exp", "run", "--name", name, *[arg for s in sets for arg in ("-S", s)]]
 
 
+RECIPE_KEYS = {"data": "data.name", "network": "model.name", "epochs": "train.epochs", "batch / GPU": "train.batch_size",
+               "optimizer": "train.optimizer", "lr": "train.lr", "schedule": "train.lr_schedule",
+               "warm-up epochs": "train.warmup_epochs", "weight decay": "train.weight_decay",
+               "augment": "train.augment", "amp": "train.amp", "GPUs / run": "ray.num_workers"}
+
+
+def recipe_table() -> str:
+    """Markdown: each preset's training recipe, as it runs (the README shows this table)."""
+    rows = ["| preset | " + " | ".join(RECIPE_KEYS) + " |", "| --- " * (len(RECIPE_KEYS) + 1) + "|"]
+    for name in PRESETS:
+        params = preset_params(name)
+        values = [_dotted(params, key) for key in RECIPE_KEYS.values()]
+        rows.append(f"| {name} | " + " | ".join(str(v) for v in values) + " |")
+    return "\n".join(rows)
+
+
+def _dotted(params: Params, key: str):
+    value = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def cost_table(names: list[str], tflops: float) -> str:
     """Markdown: what each preset's grid would cost on GPUs at `tflops` sustained (slc.cost)."""
     rows = [f"| preset | forward GFLOP / image | images x epochs x runs | PFLOP | GPU-hours at {tflops:g} TFLOP/s "
@@ -116,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("preset", nargs="?", choices=sorted(PRESETS))
     parser.add_argument("--print", action="store_true", help="print the dvc command instead of running it")
+    parser.add_argument("--recipes", action="store_true", help="print every preset's training recipe")
     parser.add_argument("--cost", action="store_true", help="print what the preset (or every preset) would cost on "
                         "GPUs: counted FLOPs, and GPU-hours at --tflops sustained per GPU")
     parser.add_argument("--tflops", type=float, default=100.0, help="assumed sustained training throughput of one "
                         "GPU, in TFLOP/s (default 100: about a tenth of an H100's dense bfloat16 peak)")
     args, extra = parser.parse_known_args(argv)  # extra arguments go to `dvc exp run`, e.g. --queue
+    if args.recipes:
+        print(recipe_table())
+        return 0
     if args.cost:
         print(cost_table([args.preset] if args.preset else list(PRESETS), args.tflops))
         return 0

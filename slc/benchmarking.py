@@ -65,7 +65,8 @@ def write_backbone(architecture: str, model_cfg: ModelConfig, folder: Path) -> t
     from slc.models import build_model
 
     shape = input_shape(architecture)
-    net = build_model(dataclasses.replace(model_cfg, name=architecture), shape, 1).eval()
+    # random weights: timing needs the structure only, and model.weights names model.name's weights
+    net = build_model(dataclasses.replace(model_cfg, name=architecture, weights=None), shape, 1).eval()
     backbone = export_backbone(net, shape, DEFAULT_OPSET)
     with WeightsFile(folder / "backbone.weights") as weights:
         externalize(backbone, weights)

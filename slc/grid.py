@@ -28,6 +28,7 @@ from slc.config import ConfigError, ModelConfig, Params, TrainConfig, from_dict
 from slc.data import PreparedData
 from slc.losses import LOSS_TRAIN_KEYS, LOSSES, POLS_ALIGNED, train_keys_of
 from slc.models import build_model, save_trained
+from slc.pretrained import fetch_pretrained
 from slc.ray_trial import DRIVER_CPUS, EPOCH_METRICS, connect, one_line, run_trial, worker_resources
 from slc.records import RecordError, TrialRecord, read_trials, write_trials
 from slc.training import CHECKPOINT_FILE, RunConfig, check_trainable, loader_workers, trained_info
@@ -150,6 +151,7 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     data, models_dir, results = PreparedData(data_root), Path(models_dir), Path(results)
     for loss in params.grid.losses:  # refused here, before Ray starts, not in every trial
         check_trainable(RunConfig(loss, params.grid.seeds[0], params.model, params.train), data)
+    fetch_pretrained(params.model)
     if params.train.candidates is not None and params.ray.num_workers > 1:
         raise ConfigError(f"train.candidates (sampled training) runs one Train worker a trial, but ray.num_workers = "
                           f"{params.ray.num_workers}: DDP cannot all-reduce the head's sparse gradient; set "

@@ -4,7 +4,8 @@ Every model is an `SLCNet`: `features(x) -> (N, d)` then `head: nn.Linear(d, k)`
 classification needs exactly that split, because export keeps the backbone and slices one row of
 the head per class. torchvision networks are built with random weights (nothing is downloaded),
 their own final linear layer becomes `head`, and a small input adapter in front lets them take
-any dataset's images: see `FitInput`.
+any dataset's images: see `FitInput`. With `model.weights` they take the structure of those
+pretrained weights, which `slc.pretrained.load_pretrained` then loads.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.models import MaxVit, VisionTransformer, get_model, get_model_weights, list_models
+from torchvision.models import MaxVit, VisionTransformer, WeightsEnum, get_model, get_model_weights, list_models
 from tqdm import tqdm  # not tqdm.auto, whose asyncio variant opens a second (unused) DataLoader iterator
 
 from slc.candidates import SparseRows
@@ -55,17 +56,28 @@ class FitInput(nn.Module):
     per architecture), and images smaller than the network can take are upsampled bilinearly,
     so that, e.g., Fashion-MNIST's 28x28 runs through inception_v3 (75x75 at least) or
     ViT (exactly 224x224). Being part of the model, it is exported with it.
+
+    With `renormalise` (pretrained weights), per-channel `scale` and `shift` buffers turn inputs
+    normalised with the dataset's statistics into the normalisation the weights were trained with;
+    identity until `load_pretrained` sets them, then saved in the state dict. Without it there are
+    no buffers, so models trained from scratch keep their state dict and graph.
     """
 
-    def __init__(self, channels: int, size: int, exact: bool):
+    def __init__(self, channels: int, size: int, exact: bool, renormalise: bool = False):
         super().__init__()
         self.repeat = 3 if channels == 1 else 1
         self.size = size
         self.exact = exact
+        self.renormalise = renormalise
+        if renormalise:
+            self.register_buffer("scale", torch.ones(3, 1, 1))
+            self.register_buffer("shift", torch.zeros(3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeat > 1:
             x = x.repeat(1, self.repeat, 1, 1)
+        if self.renormalise:
+            x = x * self.scale + self.shift
         h, w = x.shape[-2:]
         if self.exact and (h, w) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -75,7 +87,7 @@ class FitInput(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"repeat={self.repeat}, size={self.size}, exact={self.exact}"
+        return f"repeat={self.repeat}, size={self.size}, exact={self.exact}" + (", renormalise" if self.renormalise else "")
 
 
 def mlp(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
@@ -125,9 +137,19 @@ def _squeezenet_head(net: nn.Module, num_classes: int) -> nn.Linear:
 
 
 # Architecture-specific construction: options for the builder, and how to take the head off.
+TORCHVISION_MODELS = list_models(module=torchvision.models)
 _TORCHVISION_OPTIONS: dict[str, dict] = {
     "inception_v3": {"aux_logits": False, "init_weights": True},
     "googlenet": {"aux_logits": False, "init_weights": True},
+}
+# What torchvision's builders set themselves when they load weights (`_ovewrite_named_param`), so
+# that our network has the pretrained one's structure: inception_v3 and googlenet were trained
+# with their `transform_input` on, ViT at the weights' image size (384 or 512 for SWAG_E2E).
+_PRETRAINED_OPTIONS: dict[str, Callable[[WeightsEnum], dict]] = {
+    "inception_v3": lambda weights: {"transform_input": True},
+    "googlenet": lambda weights: {"transform_input": True},
+    **{name: lambda weights: {"image_size": weights.meta["min_size"][0]}
+       for name in TORCHVISION_MODELS if name.startswith("vit_")},
 }
 _HEAD_SURGERY: dict[str, Callable[[nn.Module, int], nn.Linear]] = {
     "squeezenet1_0": _squeezenet_head,
@@ -141,15 +163,35 @@ _EXACT_INPUT_SIZE: dict[type, Callable[[nn.Module], int]] = {
 }
 
 
+def pretrained_weights(name: str, weights: str) -> WeightsEnum:
+    """The member `weights` of architecture `name`'s torchvision weights enum; only looked up, so
+    that a typo fails when the model is built, before any download or training."""
+    members = get_model_weights(name).__members__
+    if weights not in members:
+        raise ConfigError(f"model.weights = {weights!r} is not a weights of {name}: valid: {', '.join(members)}")
+    return members[weights]
+
+
 def torchvision_model(name: str, cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
-    """A torchvision classifier by name, randomly initialised, its final layer as `head`."""
+    """A torchvision classifier by name, randomly initialised, its final layer as `head`.
+
+    With `cfg.weights` it has the structure of those pretrained weights and a renormalising
+    FitInput, but nothing is loaded or downloaded: load_trained, the export and the memory check
+    rebuild models this way; training calls `slc.pretrained.load_pretrained` once.
+    """
+    weights = pretrained_weights(name, cfg.weights) if cfg.weights is not None else None
     if input_shape[0] not in (1, 3):
-        raise ValueError(f"{name} takes 1- or 3-channel images, got input shape {input_shape}")
-    net = get_model(name, weights=None, num_classes=num_classes, **_TORCHVISION_OPTIONS.get(name, {}))
+        rgb = f" ({weights} was trained on 3-channel RGB images)" if weights else ""
+        raise ValueError(f"{name} takes 1- or 3-channel images, got input shape {input_shape}{rgb}")
+    options = _TORCHVISION_OPTIONS.get(name, {})
+    if weights is not None and name in _PRETRAINED_OPTIONS:
+        options = options | _PRETRAINED_OPTIONS[name](weights)
+    net = get_model(name, weights=None, num_classes=num_classes, **options)
     exact = _EXACT_INPUT_SIZE.get(type(net))
     size = exact(net) if exact else get_model_weights(name).DEFAULT.meta["min_size"][0]
     head = _HEAD_SURGERY.get(name, _final_linear)(net, num_classes)
-    return SLCNet(nn.Sequential(FitInput(input_shape[0], size, exact is not None), net), head)
+    fit = FitInput(input_shape[0], size, exact is not None, renormalise=weights is not None)
+    return SLCNet(nn.Sequential(fit, net), head)
 
 
 def _torchvision_builder(name: str) -> Callable[[ModelConfig, InputShape, int], SLCNet]:
@@ -162,15 +204,18 @@ def _torchvision_builder(name: str) -> Callable[[ModelConfig, InputShape, int], 
 MODELS: dict[str, Callable[[ModelConfig, InputShape, int], SLCNet]] = {
     "mlp": mlp,
     "conv6": conv6,
-    **{name: _torchvision_builder(name) for name in list_models(module=torchvision.models)},
+    **{name: _torchvision_builder(name) for name in TORCHVISION_MODELS},
 }
 
 
 def build_model(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
     if cfg.name not in MODELS:
-        tv = [n for n in MODELS if n not in ("mlp", "conv6")]
+        tv = TORCHVISION_MODELS
         raise ConfigError(f"unknown model.name {cfg.name!r}; known: mlp, conv6, or one of {len(tv)} torchvision "
-                       f"architectures ({', '.join(tv[:6])}, ...; all: torchvision.models.list_models())")
+                          f"architectures ({', '.join(tv[:6])}, ...; all: torchvision.models.list_models())")
+    if cfg.weights is not None and cfg.name not in TORCHVISION_MODELS:
+        raise ConfigError(f"model.weights = {cfg.weights!r}: pretrained weights are for torchvision architectures, "
+                          f"{cfg.name} has none; set model.weights: null, or model.name to one (resnet50, ...)")
     return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
 
 

@@ -32,6 +32,7 @@ from slc.config import ConfigError, ModelConfig, TrainConfig
 from slc.data import PreparedData, PreparedSplit, check_augmentation
 from slc.losses import make_loss
 from slc.models import SLCNet, build_model, predict_features
+from slc.pretrained import load_pretrained
 from slc.scoring import Head, class_sample, score_classes
 
 log = logging.getLogger(__name__)
@@ -275,6 +276,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         model.load_state_dict(state["model"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+    elif config.model.weights is not None:
+        load_pretrained(model, config.model, data.meta["normalisation"])
     optimizers = make_optimizers(model.to(device), cfg)
     model = wrap_model(model)
     loader = wrap_loader(train_loader(train_split, cfg.batch_size, generator, workers, device))

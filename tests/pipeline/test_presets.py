@@ -103,3 +103,7 @@ def test_cost_prints_a_row_for_every_preset(capsys, monkeypatch):
 def test_cost_of_a_dataset_without_known_size_is_refused(params):
     with pytest.raises(ValueError, match="no size on record for data.name 'folder'"):
         training_cost(dataclasses.replace(params, data=dataclasses.replace(params.data, name="folder")), 100)
+
+
+def test_the_readme_shows_each_presets_recipe_as_it_runs():
+    assert presets.recipe_table() in Path("README.md").read_text()
