@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint lock ui ui-screenshot serve data
+.PHONY: run test test-fast lint lock ui ui-screenshot serve data scaling dataloading
 
 run: $(VENV)/.installed data
 	dvc repro
@@ -32,6 +32,11 @@ ui-screenshot: $(VENV)/.installed
 # The many-class scaling study (about 40 min on 2 cores): metrics/scaling.json, results/scaling.md, plots/scaling.png
 scaling: $(VENV)/.installed data
 	$(PYTHON) -m pipeline.scaling
+
+# The data-loading benchmark (about 4 min on 2 cores): training's loader per dataset kind at its preset's
+# settings with 0..n workers: metrics/dataloading.json, results/dataloading.md, plots/dataloading.png
+dataloading: $(VENV)/.installed data
+	$(PYTHON) -m pipeline.dataloading
 
 serve: $(VENV)/.installed
 	$(PYTHON) -m pipeline.serve
