@@ -315,3 +315,13 @@ def test_sampled_training_on_several_ddp_workers_is_refused_before_ray_starts(pr
     with pytest.raises(ConfigError, match="set ray.num_workers: 1"):
         grid.run_grid(params, prepared, tmp_path / "models", tmp_path / "trials.json")
     assert not (tmp_path / "trials.json").exists() and not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_more_loader_workers_than_a_train_worker_has_cpus_are_refused_before_any_trial(prepared, tmp_path, ray_session,
+                                                                                      tiny_params):
+    params = tiny_params()  # a local Ray of 2 CPUs, 2 trials at a time: 0.99 CPUs each
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, loader_workers=2))
+    with pytest.raises(ConfigError, match=r"train.loader_workers = 2 is more than the 1 CPU\(s\) a Train worker has"):
+        run(params, prepared, tmp_path)
+    assert not (tmp_path / "results" / "trials.json").exists() and not (tmp_path / "models").exists()

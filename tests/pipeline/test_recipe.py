@@ -186,3 +186,10 @@ def test_the_schedule_reaches_the_optimizer(images16, tmp_path, run16):
     assert steps == 2 * math.floor(len(images16.split("train")) / 16)
     assert state["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-6)
     assert np.isfinite(result.history[-1].train_loss)
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_batches_for_a_gpu_come_through_pinned_memory(images16, device, pinned):
+    loader = training.train_loader(images16.split("train"), 16, torch.Generator(), 2, device)
+    assert loader.pin_memory is pinned and loader.num_workers == 2 and loader.prefetch_factor == 4
+    assert not loader.persistent_workers, "started anew each epoch, from the run's generator"
