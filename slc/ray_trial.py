@@ -10,6 +10,7 @@ What a trial returns is read by the driver (`slc.grid`), which alone writes the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -86,6 +87,10 @@ def _train_worker(config: dict) -> dict | None:
     """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any."""
     from ray.train import Checkpoint, get_checkpoint, report
     from ray.train.torch import get_device, prepare_model
+
+    # Ray's worker logging passes ray.train's INFO lines on ("Checkpoint successfully created at: ..."
+    # every epoch of every trial); the driver logs each epoch itself
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     run = RunConfig(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
                     from_dict(TrainConfig, config["train"], "train"))

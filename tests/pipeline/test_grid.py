@@ -154,6 +154,7 @@ def test_stage_runs_on_an_existing_cluster_named_by_ray_address(prepared, tmp_pa
     assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
     assert "Connecting to existing Ray cluster at address: " in stage.stderr  # not a new local one
     assert f":{port}..." in stage.stderr
+    assert "Checkpoint successfully created" not in stage.stdout + stage.stderr  # one line an epoch, not Ray's too
     (record,) = json.loads((tmp_path / "trials.json").read_text())
     assert record["status"] == "finished" and (tmp_path / "models" / "batch_ce-s0" / "model.pt").exists()
 
