@@ -130,38 +130,6 @@ def write_gemv_probe(folder: Path, mib: int) -> Path:
     return write_single_logit(folder, ones, np.zeros(n, np.float32), kinds=("full",))["full"]
 
 
-class BandwidthProbe:
-    """B measured in rounds (`timing.memory_bandwidth`) before, between and after the timings: a
-    shared machine's bandwidth drifts (33 to 42 GB/s within a minute here), so a floor must use the
-    fastest read of the whole run, not of its start."""
-
-    def __init__(self, folder: Path, cfg: BenchmarkConfig, settings: dict):
-        self.gemv, self.settings, self.repeats = write_gemv_probe(folder, cfg.bandwidth_mib), settings, cfg.repeats
-        self.rounds: list[dict] = []
-
-    def measure(self) -> None:
-        self.rounds.append(timing.memory_bandwidth(self.gemv, self.settings, self.repeats))
-
-    @property
-    def gbps(self) -> float:
-        return max(r["gbps"] for r in self.rounds)
-
-    def summary(self) -> dict:
-        """The fastest round, with every round's B beside it (metrics/speedup.json's `bandwidth`)."""
-        best = max(self.rounds, key=lambda r: r["gbps"])
-        every = ", ".join(f"{r['gbps']:.1f}" for r in self.rounds)
-        return {**best, "rounds_gbps": [r["gbps"] for r in self.rounds],
-                "method": f"{best['method']}; the best of {len(self.rounds)} such rounds before, between and "
-                          f"after the timings ({every} GB/s)"}
-
-
-def judged(architecture: Architecture, gbps: float) -> Architecture:
-    """`architecture` with every k's floor and speedup limit computed again at the bandwidth `gbps`."""
-    return architecture.model_copy(update={"k": {
-        k: r.model_copy(update=compare(r.backbone.median_ms, r.full.median_ms, r.single_logit.median_ms,
-                                       architecture.d, k, gbps)) for k, r in architecture.k.items()}})
-
-
 def predicted_ms(backbone_ms: float, d: int, k: int, gbps: float) -> float:
     """The physical floor of the full model: the backbone plus one read of the d x k head at the
     bandwidth bound B (`timing.memory_bandwidth`); a correct measurement is never below it."""
@@ -192,8 +160,7 @@ def within_bound(r: AtK) -> bool:
 
 
 def benchmark_architecture(architecture: str, cfg: BenchmarkConfig, model_cfg: ModelConfig, settings: dict,
-                           probe: BandwidthProbe, folder: Path, progress: tqdm) -> Architecture:
-    """Every k of `architecture`, with a bandwidth round after each (judged at the run's final B later)."""
+                           gbps: float, folder: Path, progress: tqdm) -> Architecture:
     folder.mkdir(parents=True, exist_ok=True)
     progress.set_description(f"{architecture}: export")
     backbone, d = write_backbone(architecture, model_cfg, folder)
@@ -210,8 +177,7 @@ def benchmark_architecture(architecture: str, cfg: BenchmarkConfig, model_cfg: M
         times = time_models({"backbone": folder / "backbone.onnx", **paths}, feeds, settings, cfg)
         for path in paths.values():
             path.unlink()
-        per_k[k] = at_k(times, d, k, probe.gbps)
-        probe.measure()
+        per_k[k] = at_k(times, d, k, gbps)
         progress.update()
     for name in ("head.weights", "backbone.weights", "backbone.onnx"):
         (folder / name).unlink()
@@ -266,20 +232,17 @@ def run_benchmark(params: Params, exports: Path, workdir: Path) -> SpeedupResult
     """Every figure of the stage: what metrics/speedup.json holds."""
     cfg = params.benchmark
     settings = timing.session_settings(cfg.threads, cfg.prepacking, session_providers(cfg.providers))
-    (workdir / "bandwidth_probe").mkdir()
-    probe = BandwidthProbe(workdir / "bandwidth_probe", cfg, settings)
-    probe.measure()
+    probe = workdir / "bandwidth_probe"
+    probe.mkdir()
+    bandwidth = timing.memory_bandwidth(write_gemv_probe(probe, cfg.bandwidth_mib), settings, cfg.repeats)
+    shutil.rmtree(probe)
     # serving's machine_info is torch-free: torch and the GPU are this side's addition
     machine = {**machine_info(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     with tqdm(total=len(cfg.architectures) * len(cfg.num_classes), unit="k", disable=None) as progress:
-        architectures = {arch: benchmark_architecture(arch, cfg, params.model, settings, probe,
+        architectures = {arch: benchmark_architecture(arch, cfg, params.model, settings, bandwidth["gbps"],
                                                       workdir / arch, progress) for arch in cfg.architectures}
-    trained = time_exports(exports, cfg, settings, probe.gbps) if exports.is_dir() else {}
-    probe.measure()
-    shutil.rmtree(workdir / "bandwidth_probe")
-    architectures = {arch: judged(a, probe.gbps) for arch, a in architectures.items()}
-    trained = {run: judged(a, probe.gbps) for run, a in trained.items()}
+    trained = time_exports(exports, cfg, settings, bandwidth["gbps"]) if exports.is_dir() else {}
     return SpeedupResults(machine=machine, settings={**dataclasses.asdict(cfg), "session": settings},
-                          bandwidth=probe.summary(), architectures=architectures, exports=trained,
+                          bandwidth=bandwidth, architectures=architectures, exports=trained,
                           goals=goals(architectures, trained))

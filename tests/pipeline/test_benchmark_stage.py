@@ -46,10 +46,7 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
     trained = results.exports["bce-s0"]
     assert (trained.d, list(trained.k)) == (8, [3000]) and trained.largest.full.repeats == 3
     assert "| bce-s0 " in (out / "speedup.md").read_text()
-    rounds = results.bandwidth["rounds_gbps"]
-    assert len(rounds) == 4 and results.bandwidth["gbps"] == max(rounds) > 0  # start, each k, the end
-    for r in [*per_k.values(), trained.largest]:  # every floor at the run's best B
-        assert r.predicted_full_ms == pytest.approx(r.backbone.median_ms + r.head_gb / max(rounds) * 1e3)
+    assert results.bandwidth["gbps"] > 0
     assert json.loads((out / "speedup.json").read_text())["goals"] == results.goals
     assert read_speedup(out / "speedup.json") == results
     assert "| mlp (ours) " in (out / "speedup.md").read_text()
