@@ -8,6 +8,9 @@ import pytest
 import yaml
 
 from slc.config import Params, load_params
+from slc.data import PreparedData
+from slc.preparation import prepare
+from slc.training import RunConfig
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -49,3 +52,22 @@ def tiny_params(params, tmp_path):
     """`tiny_params(losses=..., epochs=..., **ray_changes)`: the shrunken params (see `shrunken`),
     with MLflow in this test's tmp_path."""
     return functools.partial(shrunken, params, tmp_path)
+
+
+def prepared_synthetic(params: Params, root: Path, num_classes: int, train_per_class: int, test_per_class: int,
+                       image_size: int) -> PreparedData:
+    """Seeded synthetic data (prototypes plus noise) of these sizes, prepared under `root`."""
+    synthetic = dataclasses.replace(params.data.synthetic, num_classes=num_classes, train_per_class=train_per_class,
+                                    test_per_class=test_per_class, image_size=image_size)
+    prepare(dataclasses.replace(params.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
+            root / "prepared")
+    return PreparedData(root / "prepared")
+
+
+@pytest.fixture
+def tiny_run(tiny_params):
+    """`tiny_run(loss, epochs, **train)`: a run of a 16-unit mlp on batches of 32 (`batch_size` changes it)."""
+    def run_config(loss="ce", epochs=2, **train) -> RunConfig:
+        shrunk = tiny_params(epochs=epochs, batch_size=32, hidden=16)
+        return RunConfig(loss, 0, shrunk.model, dataclasses.replace(shrunk.train, **train))
+    return run_config

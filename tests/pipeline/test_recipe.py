@@ -1,5 +1,6 @@
 """The training recipe: learning-rate schedules, augmentation, mixed precision and loader workers."""
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -9,28 +10,21 @@ import torch
 from slc import training
 from slc.config import ConfigError
 from slc.data import PreparedData, check_augmentation
-from slc.preparation import prepare
-from slc.training import RunConfig, loader_workers, make_schedulers, train_one
+from slc.training import loader_workers, make_schedulers, train_one
+from tests.conftest import prepared_synthetic
 from tests.pipeline.test_train_one import Crash, assert_same_weights, crash_after_first_epoch, weights
 
 
 @pytest.fixture(scope="module")
 def images16(tmp_path_factory, params) -> PreparedData:
     """Seeded synthetic data big enough to crop: 4 classes of 16x16 prototypes plus noise."""
-    root = tmp_path_factory.mktemp("synthetic16")
-    synthetic = dataclasses.replace(params.data.synthetic, num_classes=4, train_per_class=30, test_per_class=5,
-                                    image_size=16)
-    prepare(dataclasses.replace(params.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
-            root / "prepared")
-    return PreparedData(root / "prepared")
+    return prepared_synthetic(params, tmp_path_factory.mktemp("synthetic16"), num_classes=4, train_per_class=30,
+                              test_per_class=5, image_size=16)
 
 
 @pytest.fixture
-def run16(tiny_params):
-    def run_config(loss="ce", epochs=2, **train) -> RunConfig:
-        shrunk = tiny_params(epochs=epochs, batch_size=16, hidden=16)
-        return RunConfig(loss, 0, shrunk.model, dataclasses.replace(shrunk.train, **train))
-    return run_config
+def run16(tiny_run):
+    return functools.partial(tiny_run, batch_size=16)
 
 
 def learning_rates(schedule: str, epochs: int, warmup: int, steps_per_epoch: int, params) -> list[float]:

@@ -16,26 +16,14 @@ from slc.metrics import slc_metrics
 from slc.models import load_trained, predict_logits, save_trained
 from slc.preparation import prepare
 from slc.training import RunConfig, train_one, trained_info
+from tests.conftest import prepared_synthetic
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, params) -> PreparedData:
     """Seeded synthetic data: 5 classes of 8x8 prototypes plus noise, 180 training images."""
-    root = tmp_path_factory.mktemp("synthetic")
-    synthetic = dataclasses.replace(params.data.synthetic, num_classes=5, train_per_class=40, test_per_class=10,
-                                    image_size=8)
-    prepare(dataclasses.replace(params.data, name="synthetic", root=str(root / "raw"), synthetic=synthetic),
-            root / "prepared")
-    return PreparedData(root / "prepared")
-
-
-@pytest.fixture
-def tiny_run(tiny_params):
-    """`tiny_run(loss, epochs, **train)`: a run of a 16-unit mlp on batches of 32."""
-    def run_config(loss="ce", epochs=2, **train) -> RunConfig:
-        shrunk = tiny_params(epochs=epochs, batch_size=32, hidden=16)
-        return RunConfig(loss, 0, shrunk.model, dataclasses.replace(shrunk.train, **train))
-    return run_config
+    return prepared_synthetic(params, tmp_path_factory.mktemp("synthetic"), num_classes=5, train_per_class=40,
+                              test_per_class=10, image_size=8)
 
 
 def weights(model):

@@ -14,12 +14,10 @@ from torch import nn
 from torchvision.models import get_model
 
 from slc.config import ConfigError
-from slc.data import PreparedData
 from slc.models import build_model, load_trained, pretrained_weights, save_trained
-from slc.preparation import prepare
 from slc.pretrained import PretrainedWeightsError, cached_weights_path, load_pretrained
 from slc.training import RunConfig, train_one
-from tests.conftest import repo_params
+from tests.conftest import prepared_synthetic, repo_params
 
 K = 7
 DATA_RGB = {"mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3]}  # a dataset's own statistics, not ImageNet's
@@ -186,12 +184,8 @@ def test_loading_into_a_model_built_without_weights_is_refused():
 @pytest.fixture
 def grey16(tmp_path):
     """A small prepared dataset: 3 classes of 16x16 grey images."""
-    params = repo_params()
-    synthetic = dataclasses.replace(params.data.synthetic, num_classes=3, train_per_class=12, test_per_class=4,
-                                    image_size=16)
-    prepare(dataclasses.replace(params.data, name="synthetic", root=str(tmp_path / "raw"), synthetic=synthetic),
-            tmp_path / "prepared")
-    return PreparedData(tmp_path / "prepared")
+    return prepared_synthetic(repo_params(), tmp_path, num_classes=3, train_per_class=12, test_per_class=4,
+                              image_size=16)
 
 
 def pretrained_run(epochs=1, lr=1e-9):
