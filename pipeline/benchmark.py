@@ -1,23 +1,24 @@
-"""`benchmark` stage: the paper's Table 2 in onnxruntime beside the memory-bandwidth limit (see slc.benchmarking)."""
+"""`benchmark` stage: the paper's Table 2 in onnxruntime beside the memory-bandwidth limit (see slc.bench.benchmarking)."""
 from __future__ import annotations
 
 import argparse
 import tempfile
 from pathlib import Path
 
-from slc import speedup_report
-from slc.benchmarking import run_benchmark
-from slc.config import load_params
-from slc.errors import run_stage
+from slc.bench import report as speedup_report
+from slc.bench.benchmarking import run_benchmark
+from slc.core import tracking
+from slc.core.errors import run_stage
+from slc.params import load_params
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--exports", type=Path, default=Path("exports"), help="the trained runs' exports")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/speedup.json"))
-    parser.add_argument("--table", type=Path, default=Path("results/speedup.md"))
-    parser.add_argument("--plots", type=Path, default=Path("plots"))
+    parser.add_argument("--exports", type=Path, required=True, help="the trained runs' exports")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--table", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the models are built (default: a temporary folder, removed after)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the figures to MLflow")
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_benchmark(params, args.exports, Path(workdir))
     speedup_report.write_outputs(results, args.metrics, args.table, args.plots)
     if not args.no_mlflow:
-        speedup_report.log_to_mlflow(results, params.mlflow, args.table, args.plots)
+        tracking.log_stage_run(tracking.tracking_uri(params.mlflow), params.mlflow.experiment, "benchmark",
+                               speedup_report.mlflow_log(results, args.table, args.plots))
     return results
 
 

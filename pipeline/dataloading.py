@@ -2,7 +2,7 @@
 each kind's preset settings, with 0, 1, ... n loader workers (n = the CPUs this process may use).
 
 Kinds: fashion_mnist (mnist_mlp), cifar10 and svhn (CIFAR-shaped arrays; cifar10_conv6, svhn_conv6),
-folder (500x375 JPEGs; imagenet_inception_v3) and tuples (many_classes_400k); see slc.dataloading.
+folder (500x375 JPEGs; imagenet_inception_v3) and tuples (many_classes_400k); see slc.studies.dataloading.
 The presets are read when it runs, so the figures follow them. Writes metrics/dataloading.json
 (`dvc metrics show` lists it), results/dataloading.md and plots/dataloading.png.
 """
@@ -18,10 +18,9 @@ import torch
 
 from pipeline.presets import preset_params
 from serving.machine import machine_info
-from slc.config import ConfigError
-from slc.dataloading import KINDS, benchmark_kind, kinds_named
-from slc.dataloading_report import write_outputs
-from slc.errors import run_stage
+from slc.core.errors import ConfigError, run_stage
+from slc.studies.dataloading import KINDS, benchmark_kind, kinds_named
+from slc.studies.dataloading_report import write_outputs
 
 
 def default_workers() -> list[int]:

@@ -1,36 +1,36 @@
-"""`export` stage: each trained run -> exports/<run_name>/, ONNX models verified against PyTorch (slc.exporting)."""
+"""`export` stage: each trained run -> exports/<run_name>/, ONNX models verified against PyTorch (slc.export.exporting)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from slc import tracking
-from slc.config import load_params
-from slc.data import PreparedData
-from slc.errors import run_stage
-from slc.exporting import export_runs, log_to_mlflow
-from slc.records import read_trials
-from slc.registry import register_best
+from slc.core import tracking
+from slc.core.errors import run_stage
+from slc.core.records import read_trials
+from slc.data.prepared import PreparedData
+from slc.export.exporting import export_runs, mlflow_logs
+from slc.export.model_registry import register_best
+from slc.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--models", default="models", help="holds one <run_name>/ per trained model")
-    parser.add_argument("--thresholds", default="results/thresholds.json", help="written by evaluate")
-    parser.add_argument("--data", default="data/prepared", help="test images to verify the exports on")
-    parser.add_argument("--out", default="exports", help="gets one <run_name>/ per exported run")
-    parser.add_argument("--trials", default="results/trials.json", help="the trials' MLflow run ids")
-    parser.add_argument("--metrics", default="metrics/export.json", help="gets each export's wall time and bytes")
-    parser.add_argument("--evaluation", default="metrics/slc.json", help="evaluate's metrics: which export to register")
+    parser.add_argument("--models", required=True, help="holds one <run_name>/ per trained model")
+    parser.add_argument("--thresholds", required=True, help="written by evaluate")
+    parser.add_argument("--data", required=True, help="test images to verify the exports on")
+    parser.add_argument("--out", required=True, help="gets one <run_name>/ per exported run")
+    parser.add_argument("--trials", required=True, help="the trials' MLflow run ids")
+    parser.add_argument("--metrics", required=True, help="gets each export's wall time and bytes")
+    parser.add_argument("--evaluation", required=True, help="evaluate's metrics: which export to register")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the trials' MLflow runs nor register")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     manifests = export_runs(params.export, Path(args.models), Path(args.thresholds), Path(args.data), Path(args.out),
                             Path(args.metrics))
     if not args.no_mlflow:
-        log_to_mlflow(tracking.tracking_uri(params.mlflow), read_trials(Path(args.trials)), Path(args.out),
-                      manifests, PreparedData(args.data))
+        tracking.log_to_trials(tracking.tracking_uri(params.mlflow), read_trials(Path(args.trials)),
+                               mlflow_logs(Path(args.out), manifests, PreparedData(args.data)), "export")
         if params.export.registered_model is not None:
             register_best(tracking.tracking_uri(params.mlflow), params.mlflow.experiment, params.export,
                           Path(args.evaluation), Path(args.out), read_trials(Path(args.trials)))

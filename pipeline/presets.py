@@ -20,8 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from slc.config import ConfigError, Params, from_dict
-from slc.cost import training_cost
+from slc.core.config import Params
+from slc.core.errors import ConfigError
+from slc.params import params_from
+from slc.studies.cost import training_cost
 
 MANY_CLASSES = "many_classes_400k"  # also the settings of the scaling study (pipeline.scaling), at each k
 
@@ -91,7 +93,7 @@ def preset_params(name: str, params_path: Path = Path("params.yaml")) -> Params:
     """The checked settings a preset runs with (what `dvc exp run` will write into params.yaml)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return from_dict(Params, apply(yaml.safe_load(Path(params_path).read_text()), PRESETS[name]))
+    return params_from(apply(yaml.safe_load(Path(params_path).read_text()), PRESETS[name]))
 
 
 def dvc_command(name: str) -> list[str]:
@@ -126,7 +128,7 @@ def _dotted(params: Params, key: str):
 
 
 def cost_table(names: list[str], tflops: float) -> str:
-    """Markdown: what each preset's grid would cost on GPUs at `tflops` sustained (slc.cost)."""
+    """Markdown: what each preset's grid would cost on GPUs at `tflops` sustained (slc.studies.cost)."""
     rows = [f"| preset | forward GFLOP / image | images x epochs x runs | PFLOP | GPU-hours at {tflops:g} TFLOP/s "
             f"| images/s each GPU takes |", "| --- | ---: | --- | ---: | ---: | ---: |"]
     for name in names:

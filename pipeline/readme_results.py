@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from serving import loadtest
-from slc import speedup_report
-from slc.losses import POLS_ALIGNED
-from slc.speedup_results import parse_speedup
-from slc.table1_report import NEAREST_PAPER_DATASET, error_names, errors_markdown, settings_markdown, table1_title
+from slc.bench import report as speedup_report
+from slc.bench.results import parse_speedup
+from slc.evaluate.table1 import NEAREST_PAPER_DATASET, error_names, errors_markdown, settings_markdown, table1_title
+from slc.nn.losses import POLS_ALIGNED
 
 BEGIN = "<!-- results: written by `python -m pipeline.readme_results` from the files below; edit those, not this -->"
 END = "<!-- end of results -->"

@@ -3,10 +3,10 @@
 The same batch, backbone, candidates and training budget (`--train-images`, 1 million images per loss:
 1,000 per class at k = 1,000, 3 at 400,000) at every k.
 
-Each k runs prepare, train, evaluate and export in scaling_runs/k<k>/ (kept, so a study can be
-looked into afterwards); then, in one pass over every k, training steps and the trained export are
-timed (slc.scaling). Writes
-metrics/scaling.json (`dvc metrics show` lists it), results/scaling.md and plots/scaling.png.
+Each k runs prepare, train, evaluate and export, as dvc.yaml's commands (pipeline.stages), in
+scaling_runs/k<k>/ (kept, so a study can be looked into afterwards); then, in one pass over every k,
+training steps and the trained export are timed (slc.studies.scaling). Writes metrics/scaling.json
+(`dvc metrics show` lists it), results/scaling.md and plots/scaling.png.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline import stages
 from pipeline.presets import MANY_CLASSES, PRESETS, apply
 from serving.machine import machine_info
-from slc.config import Params, from_dict
-from slc.errors import run_stage
-from slc.scaling import bandwidth_gbps, goals, run_point, time_point, write_outputs
+from slc.core.errors import run_stage
+from slc.params import params_from
+from slc.studies.scaling import Layout, bandwidth_gbps, goals, run_point, time_point, write_outputs
 
 DEFAULT_KS = [1000, 10000, 100000, 400000]
+STAGES = ("prepare", "train", "evaluate", "export")  # the benchmark stage's timing is the study's own
 
 
 def at_k(base: dict, k: int, train_images: int) -> dict:
@@ -36,7 +38,7 @@ def at_k(base: dict, k: int, train_images: int) -> dict:
     raw["data"]["root"] = str(Path(raw["data"]["root"]).resolve())  # the stages run in their own folder
     if raw["train"]["candidates"] is not None:
         raw["train"]["candidates"] = min(raw["train"]["candidates"], k)
-    from_dict(Params, raw)
+    params_from(raw)
     return raw
 
 
@@ -54,19 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     base = apply(yaml.safe_load(Path(args.params).read_text()), PRESETS[MANY_CLASSES])
     # every point's settings are checked before the first one starts
     points_params = {k: at_k(base, k, args.train_images) for k in args.ks}
-    params = from_dict(Params, base)
+    params = params_from(base)
     workdir = Path(args.workdir)
+    commands = {stage: stages.command(stage, "params.yaml") for stage in STAGES}
+    layout = Layout(stages.path_of("prepare", "--out"), stages.path_of("evaluate", "--metrics"),
+                    stages.path_of("export", "--out"))
     gbps = bandwidth_gbps(params, workdir / "bandwidth_probe")
     points = {}
     for k, raw in points_params.items():
         folder = workdir / f"k{k}"
         shutil.rmtree(folder, ignore_errors=True)
         print(f"k = {k:,}: prepare, train, evaluate, export in {folder}", flush=True)
-        points[str(k)] = run_point(raw, folder.resolve())
+        points[str(k)] = run_point(raw, folder.resolve(), commands, layout)
         print(json.dumps(points[str(k)]), flush=True)
     for k, raw in points_params.items():
         print(f"k = {k:,}: timing training steps and the trained export", flush=True)
-        points[str(k)].update(time_point(raw, (workdir / f"k{k}").resolve(), gbps["gbps"]))
+        points[str(k)].update(time_point(raw, (workdir / f"k{k}").resolve(), layout, gbps["gbps"]))
     settings = {key: value for key, value in base.items() if key in ("data", "model", "train", "grid", "evaluate",
                                                                        "export", "benchmark")}
     settings["train_images"] = args.train_images

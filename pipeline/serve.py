@@ -9,9 +9,9 @@ import argparse
 from pathlib import Path
 
 from serving import cli
-from slc.config import load_params
-from slc.errors import run_stage
-from slc.registry import best_run
+from slc.core.errors import run_stage
+from slc.export.model_registry import best_run
+from slc.params import load_params
 
 
 def main(argv: list[str] | None = None) -> int:

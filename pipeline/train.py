@@ -1,12 +1,12 @@
-"""`train` stage: every loss x seed of params.yaml's grid on Ray, recorded in MLflow (see slc.grid)."""
+"""`train` stage: every loss x seed of params.yaml's grid on Ray, recorded in MLflow (see slc.train.grid)."""
 from __future__ import annotations
 
 import argparse
 import logging
 
-from slc import grid
-from slc.config import load_params
-from slc.errors import run_stage
+from slc.core.errors import run_stage
+from slc.params import load_params
+from slc.train import grid
 
 log = logging.getLogger(__name__)
 
@@ -16,10 +16,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared", help="the prepare stage's output")
-    parser.add_argument("--models", default="models", help="models/<run_name>/ per finished trial")
-    parser.add_argument("--results", default="results/trials.json", help="one record per trial")
-    parser.add_argument("--ray-results", default="ray_results", help="Ray's storage: checkpoints, trial logs")
+    parser.add_argument("--data", required=True, help="the prepare stage's output")
+    parser.add_argument("--models", required=True, help="models/<run_name>/ per finished trial")
+    parser.add_argument("--results", required=True, help="one record per trial")
+    parser.add_argument("--ray-results", required=True, help="Ray's storage: checkpoints, trial logs")
     args = parser.parse_args(argv)
     try:
         records = grid.run_grid(load_params(args.params), args.data, args.models, args.results, args.ray_results)

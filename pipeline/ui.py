@@ -2,7 +2,7 @@
 
 MLflow 3.17's UI shows an experiment as GenAI (overview, traces) or as model training (runs) by its
 sidebar toggle, GenAI unless a link or the user says otherwise; the link printed here says model
-training (slc.tracking.runs_url). `--screenshot PATH` (`make ui-screenshot`) saves that page as
+training (slc.core.tracking.runs_url). `--screenshot PATH` (`make ui-screenshot`) saves that page as
 headless Chromium draws it: what a user sees, checked without a browser.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from slc import tracking
-from slc.config import load_params
-from slc.errors import PipelineError, run_stage
+from slc.core import tracking
+from slc.core.errors import PipelineError, run_stage
+from slc.params import load_params
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 RENDER_MS = 15_000  # virtual time the page gets to fetch and draw the runs before the picture

@@ -7,12 +7,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slc.config import Params, load_params
-from slc.data import PreparedData
-from slc.preparation import prepare
-from slc.training import RunConfig
+from slc.core.config import Params, RunConfig
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData
+from slc.params import load_params
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+# Building and running these on 2 CPU cores takes several seconds each (hundreds of millions of
+# parameters, or a 224x224 input): they run with the slow tests.
+HEAVY = {"regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf", "vit_h_14", "vit_l_16",
+         "vit_l_32", "vit_b_16", "vit_b_32", "maxvit_t", "convnext_large", "convnext_base",
+         "efficientnet_v2_l", "wide_resnet101_2", "swin_v2_b", "swin_b", "vgg19_bn", "vgg19",
+         "vgg16_bn", "vgg16", "vgg13_bn", "vgg13", "vgg11_bn", "vgg11", "resnext101_32x8d",
+         "resnext101_64x4d", "inception_v3"}
 
 
 @functools.cache

@@ -6,10 +6,10 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import benchmark
-from slc.config import BenchmarkConfig, ModelConfig
-from slc.exporting import export_model
-from slc.models import build_model
-from slc.speedup_results import read_speedup
+from slc.bench.results import read_speedup
+from slc.core.config import BenchmarkConfig, ModelConfig
+from slc.export.exporting import export_model
+from slc.nn.models import build_model
 from tests.conftest import write_params
 
 TINY = BenchmarkConfig(architectures=["mlp"], num_classes=[1, 1000], batch_size=2, threads=1, warmup=1, repeats=3,

@@ -1,10 +1,14 @@
 """The data-loading benchmark: its measurement, its data, its report, and a whole (tiny) run of every kind."""
 import dataclasses
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
 
+import onnxruntime
+import psutil
 import pytest
 import torch
 import yaml
@@ -13,10 +17,12 @@ from torch.utils.data import DataLoader
 
 from pipeline import dataloading as entry
 from pipeline.presets import preset_params
-from slc import dataloading
-from slc.config import ConfigError
-from slc.data import PreparedData
-from slc.dataloading import (
+from serving.machine import cpu_model
+from slc.core.errors import ConfigError
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData
+from slc.studies import dataloading
+from slc.studies.dataloading import (
     KINDS,
     PHOTO_CLASSES,
     kinds_named,
@@ -26,7 +32,6 @@ from slc.dataloading import (
     write_cifar_shaped,
     write_photo_folder,
 )
-from slc.preparation import prepare
 from tests.conftest import PARAMS_YAML
 from tests.formats import write_idx_gz
 
@@ -73,9 +78,23 @@ def test_each_kind_records_its_presets_settings(study):
     assert study["json"]["cifar10"]["settings"]["input_shape"] == [3, 32, 32]
 
 
-def test_the_machine_is_recorded_beside_the_figures(study):
+def test_the_machine_recorded_is_the_one_it_ran_on(study):
     machine = study["json"]["machine"]
-    assert machine["cores"] >= 1 and machine["torch"] and len(machine["load_average_end"]) == 3
+    assert machine["cores"] == len(os.sched_getaffinity(0))  # the CPUs it may use, not the host's
+    assert (machine["torch"], machine["python"]) == (torch.__version__, platform.python_version())
+    assert machine["memory_gb"] == round(psutil.virtual_memory().total / 1e9, 1)
+    assert machine["cpu"] == cpu_model() and machine["onnxruntime"] == onnxruntime.__version__
+    for key in ("load_average", "load_average_end"):  # 1, 5 and 15 minutes, at the start and at the end
+        assert len(machine[key]) == 3 and all(isinstance(x, float) and x >= 0 for x in machine[key]), key
+
+
+def test_the_report_names_the_machine_and_its_load(study):
+    m = study["json"]["machine"]
+    load = lambda values: ", ".join(f"{x:.2f}" for x in values)
+    assert (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, torch {m['torch']}, Python {m['python']}."
+            in study["table"])
+    assert f"load average was {load(m['load_average'])} at the start and {load(m['load_average_end'])} at the end" \
+        in study["table"]
 
 
 def test_the_table_shows_the_jsons_figures(study):

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from pipeline import evaluate as stage
-from slc import evaluation
-from slc.data import PreparedData, renormalisation
-from slc.metrics import slc_metrics
-from slc.models import save_trained
-from slc.preparation import prepare
-from slc.records import RecordError, read_trials
-from slc.scoring import Head
-from slc.training import RunConfig, train_one, trained_info
+from slc.core.config import RunConfig
+from slc.core.records import RecordError, read_trials
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData, renormalisation
+from slc.evaluate import evaluation
+from slc.evaluate.metrics import slc_metrics
+from slc.evaluate.scoring import Head
+from slc.nn.trained import save_trained, trained_info
+from slc.train.training import train_one
 from tests.conftest import shrunken
 
 REAL = Path("data/prepared")
@@ -240,8 +241,8 @@ def test_other_data_with_the_same_classes_gives_the_same_test_errors(grid, tmp_p
     test = data.split("test")
     npz = tmp_path / "other.npz"
     val = data.split("val")  # other training images, so the npz gets a normalisation of its own
-    np.savez(npz, x_train=np.asarray(val.images[:, 0]), y_train=val.labels,
-             x_test=np.asarray(test.images[:, 0]), y_test=test.labels, class_names=np.array(data.class_names))
+    np.savez(npz, x_train=np.asarray(val.stored.images[:, 0]), y_train=val.labels,
+             x_test=np.asarray(test.stored.images[:, 0]), y_test=test.labels, class_names=np.array(data.class_names))
     cfg = dataclasses.replace(params.data, name="npz", npz_path=str(npz), train_limit=None)
     meta = prepare(cfg, tmp_path / "other")
     assert meta["normalisation"] != data.meta["normalisation"]

@@ -15,12 +15,15 @@ from pipeline import export as stage
 from serving.errors import ExportError
 from serving.manifest import read_manifest
 from serving.registry import download
-from slc import exporting
-from slc.config import ConfigError, ModelConfig
-from slc.exporting import export_model, export_runs
-from slc.models import build_model, save_trained
-from slc.onnx_graphs import SyntheticRows, write_single_logit
-from slc.preparation import prepare
+from slc.core.config import ModelConfig
+from slc.core.errors import ConfigError
+from slc.core.sampling import seeded_sample
+from slc.data.preparation import prepare
+from slc.export import exporting, verify
+from slc.export.exporting import export_model, export_runs
+from slc.export.onnx_graphs import SyntheticRows, write_single_logit
+from slc.nn.models import build_model
+from slc.nn.trained import save_trained
 from tests.conftest import write_params
 from tests.formats import write_idx_gz
 
@@ -358,7 +361,7 @@ def test_by_default_a_bounded_seeded_sample_of_classes_gets_its_own_file(many_cl
     _, out, manifest, _ = many_classes
     assert params.export.classes == 32
     assert len(manifest.models["classes"]) == 32 == len(list(out.glob("class_*.onnx")))
-    assert list(manifest.models["classes"]) == [str(c) for c in exporting.seeded_sample(MANY, 32)]
+    assert list(manifest.models["classes"]) == [str(c) for c in seeded_sample(MANY, 32)]
 
 
 def test_the_many_class_head_is_on_disk_once_shared_by_both_graphs(many_classes):
@@ -387,22 +390,22 @@ def test_single_logit_answers_any_class_of_many_as_pytorch_does(many_classes):
 
 
 def test_verification_asks_single_logit_a_seeded_sample_with_the_first_and_last_class(tmp_path, monkeypatch):
-    asked, rounds = [], exporting._class_id_rounds
+    asked, rounds = [], verify.class_id_rounds
 
     def recording(n, classes):
         out = rounds(n, classes)
         asked.extend(np.concatenate(out).tolist())
         return out
-    monkeypatch.setattr(exporting, "_class_id_rounds", recording)
+    monkeypatch.setattr(verify, "class_id_rounds", recording)
     torch.manual_seed(0)
     model = build_model(ModelConfig("mlp", 16, 4, None), (1, 8, 8), MANY).eval()
     export_model(model, tmp_path / "run", info_for((1, 8, 8), MANY), None, images((1, 8, 8), n=8), classes="none",
                  verify_classes=10)
-    expected = exporting.verified_classes(MANY, 10)
+    expected = verify.verified_classes(MANY, 10)
     assert sorted(set(asked)) == expected.tolist() and len(expected) == 10
     assert expected[0] == 0 and expected[-1] == MANY - 1
-    np.testing.assert_array_equal(exporting.verified_classes(MANY, 10), expected)  # the same sample every time
-    np.testing.assert_array_equal(exporting.verified_classes(7, 10), np.arange(7))
+    np.testing.assert_array_equal(verify.verified_classes(MANY, 10), expected)  # the same sample every time
+    np.testing.assert_array_equal(verify.verified_classes(7, 10), np.arange(7))
 
 
 def test_all_classes_beyond_the_cap_are_refused_before_any_file_is_written(tmp_path):

@@ -20,12 +20,13 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from slc import grid, losses, ray_trial
-from slc.config import ConfigError
-from slc.data import PreparedData
-from slc.models import load_trained
-from slc.preparation import prepare
-from slc.records import TrialRecord, read_trials, write_trials
+from slc.core.errors import ConfigError
+from slc.core.records import TrialRecord, read_trials, write_trials
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData
+from slc.nn import losses
+from slc.nn.trained import load_trained
+from slc.train import grid, ray_trial
 from tests.conftest import write_params
 
 
@@ -192,7 +193,7 @@ def test_killed_worker_resumes_from_its_checkpoint_and_a_nan_loss_fails_alone(pr
         return logits.sum() * float("nan")
 
     def register_nan_loss():  # run in every Ray worker process; nested, so Ray ships it by value
-        from slc import losses as registry
+        from slc.nn import losses as registry
         registry.LOSSES["nan"] = nan
 
     monkeypatch.setitem(losses.LOSSES, "nan", nan)

@@ -1,16 +1,21 @@
 import dataclasses
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 
-from slc import data
-from slc import preparation as prepare_module
-from slc.config import ConfigError
-from slc.data import DatasetError, PreparedData
-from slc.preparation import prepare
+from slc.core.errors import ConfigError
+from slc.data import datasets as data
+from slc.data import storage
+from slc.data.datasets import DATASETS, DatasetError
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData
 from tests.conftest import repo_params
 from tests.formats import write_idx_gz, write_image_folder, write_torchvision_dataset
 
@@ -41,28 +46,11 @@ def check_written(out, meta, k, shape):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
-def test_idx_gz_files_under_root_are_prepared(tmp_path, offline, name):
-    cls = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
-    write_idx_gz(tmp_path / "raw" / cls / "raw", n_train=60, n_test=20)
-    meta = prepare(config(tmp_path, name=name), tmp_path / "prepared")
-    check_written(tmp_path / "prepared", meta, 10, (1, 28, 28))
-    assert meta["splits"] == {"train": 54, "val": 6, "test": 20}
-
-
 def test_fashion_mnist_is_found_in_the_debian_directory(tmp_path, monkeypatch):
     debian = write_idx_gz(tmp_path / "debian")
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian)
     meta = prepare(config(tmp_path), tmp_path / "prepared")
     assert meta["splits"]["test"] == 20
-
-
-@pytest.mark.parametrize("name, k, train_and_val", [("cifar10", 10, 100), ("cifar100", 100, 200), ("svhn", 10, 30)])
-def test_torchvision_files_pass_its_integrity_check(tmp_path, monkeypatch, name, k, train_and_val):
-    write_torchvision_dataset(name, tmp_path / "raw", monkeypatch)
-    meta = prepare(config(tmp_path, name=name), tmp_path / "prepared")
-    check_written(tmp_path / "prepared", meta, k, (3, 32, 32))
-    assert meta["splits"]["train"] + meta["splits"]["val"] == train_and_val
 
 
 def test_svhn_maps_label_ten_to_digit_zero(tmp_path, monkeypatch):
@@ -108,20 +96,87 @@ def test_synthetic_many_classes_is_seeded(tmp_path):
     assert first["num_classes"] == 500 and first["checksums"] == second["checksums"]
 
 
-def test_normalisation_is_computed_on_train(tmp_path, offline):
-    write_idx_gz(tmp_path / "raw" / "MNIST" / "raw")
-    meta = prepare(config(tmp_path, name="mnist"), tmp_path / "prepared")
+# ---- every registered dataset, from tiny files in its real format ----
+
+@dataclass(frozen=True)
+class RealFiles:
+    """How a registered dataset's files are written under data.root, and what prepare must make of them."""
+    write: Callable[[Path, pytest.MonkeyPatch], dict]  # writes the files; returns the data.* changes they need
+    classes: int
+    shape: tuple[int, int, int]
+    storage: str  # slc.data.storage's kind
+    train_and_val: int  # the images the training files hold (or, for tuples, the train and val drawn)
+
+
+def torchvision_files(name, **changes):
+    def write(root, monkeypatch):
+        write_torchvision_dataset(name, root, monkeypatch)
+        return changes
+    return write
+
+
+def npz_file(root, monkeypatch):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    np.savez(root / "mine.npz", x_train=rng.integers(0, 256, (40, 6, 6, 3), np.uint8), y_train=np.arange(40) % 4,
+             x_test=rng.integers(0, 256, (8, 6, 6, 3), np.uint8), y_test=np.arange(8) % 4)
+    return {"npz_path": str(root / "mine.npz")}
+
+
+def image_folder(root, monkeypatch):
+    write_image_folder(root)  # 3 classes of 4 PNGs of differing sizes
+    return {"image_size": 16}
+
+
+def no_files(**changes):
+    return lambda root, monkeypatch: changes
+
+
+REAL_FILES = {
+    "mnist": RealFiles(torchvision_files("mnist"), 10, (1, 28, 28), "arrays", 60),
+    "fashion_mnist": RealFiles(torchvision_files("fashion_mnist"), 10, (1, 28, 28), "arrays", 60),
+    "svhn": RealFiles(torchvision_files("svhn"), 10, (3, 32, 32), "arrays", 30),
+    "cifar10": RealFiles(torchvision_files("cifar10"), 10, (3, 32, 32), "arrays", 100),
+    "cifar100": RealFiles(torchvision_files("cifar100"), 100, (3, 32, 32), "arrays", 200),
+    "imagenet": RealFiles(torchvision_files("imagenet", image_size=16), 2, (3, 16, 16), "index", 8),
+    "folder": RealFiles(image_folder, 3, (3, 16, 16), "index", 12),
+    "npz": RealFiles(npz_file, 4, (3, 6, 6), "arrays", 40),
+    # 100 classes: tuples of t = 2 Fashion-MNIST items, 28 x 56 pixels
+    "tuples": RealFiles(torchvision_files("tuples", tuples=dataclasses.replace(DEFAULT.tuples, num_classes=100)),
+                        100, (1, 28, 56), "tuples", 100 * (DEFAULT.tuples.train_per_class + DEFAULT.tuples.val_per_class)),
+    "synthetic": RealFiles(no_files(synthetic=dataclasses.replace(DEFAULT.synthetic, num_classes=5, image_size=8)),
+                           5, (1, 8, 8), "arrays", 5 * DEFAULT.synthetic.train_per_class),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_a_registered_dataset_is_prepared_from_its_real_files_into_normalised_images(name, tmp_path, monkeypatch,
+                                                                                     offline):
+    if name not in REAL_FILES:
+        pytest.fail(f"{name} is in slc.data.datasets.DATASETS but not in this module's REAL_FILES: add how its "
+                    f"files are written and what prepare makes of them")
+    files = REAL_FILES[name]
+    changes = files.write(tmp_path / "raw", monkeypatch)
+    prepare(config(tmp_path, name=name, **changes), tmp_path / "prepared")
+    meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    assert (meta["dataset"], meta["num_classes"], len(meta["class_names"])) == (name, files.classes, files.classes)
+    assert (meta["input_shape"], meta["storage"]) == (list(files.shape), files.storage)
+    assert meta["splits"]["train"] + meta["splits"]["val"] == files.train_and_val
     train = PreparedData(tmp_path / "prepared").split("train")
-    x = np.stack([train[i][0].numpy() for i in range(len(train))])
-    assert abs(x.mean()) < 1e-4 and abs(x.std() - 1) < 1e-3
-    assert meta["normalisation"]["std"][0] > 0
+    image, label = train[0]
+    assert image.dtype == torch.float32 and tuple(image.shape) == files.shape and 0 <= int(label) < files.classes
+    pixels = torch.stack([train[i][0] for i in range(len(train))]).transpose(0, 1).flatten(1)  # (C, all pixels)
+    torch.testing.assert_close(pixels.mean(1), torch.zeros(files.shape[0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pixels.std(1, correction=0), torch.ones(files.shape[0]), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(name for name, dataset in DATASETS.items() if dataset.input_shape))
+def test_an_input_shape_on_record_is_the_shape_its_files_prepare_to(name):
+    """The record is what a preset's cost is counted at before any file is there."""
+    assert DATASETS[name].input_shape == REAL_FILES[name].shape
 
 
 # ---- bad input: a clear error, and nothing written ----
-
-def test_unknown_dataset_lists_the_known_ones(tmp_path):
-    with pytest.raises(ConfigError, match="unknown dataset.*fashion_mnist, mnist"):
-        prepare(config(tmp_path, name="fashion"), tmp_path / "prepared")
 
 
 def test_missing_files_say_which_and_how_to_get_them(tmp_path, offline):
@@ -181,7 +236,7 @@ def test_a_failed_write_leaves_the_previous_output_intact(tmp_path, monkeypatch)
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prepare_module, "write_split", fail)
+    monkeypatch.setattr(storage.Arrays, "write", fail)
     with pytest.raises(OSError, match="disk full"):
         prepare(cfg, out)
     assert json.loads((out / "meta.json").read_text()) == before

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from pipeline import scaling as entry
-from slc import scaling
-from slc.scaling import StudyError, measure
+from slc.studies import scaling
+from slc.studies.scaling import StudyError, measure
 from tests.formats import write_idx_gz
 
 

@@ -1,14 +1,14 @@
 """What a user can fix is one line on stderr and exit status 2, never a traceback."""
 import importlib
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torchvision
 
-from slc.errors import run_stage
-from slc.models import load_trained
+from pipeline import stages
+from slc.core.errors import run_stage
+from slc.nn.trained import load_trained
 
 PARAMS = Path("params.yaml").read_text()
 
@@ -21,11 +21,15 @@ def broken_params(folder: Path, old: str, new: str) -> Path:
 
 @pytest.mark.parametrize("module, change, args, message", [
     ("prepare", ("  name: fashion_mnist ", "  name: fashion-mnist "), ("--out", "prepared"),
-     "error: unknown dataset data.name='fashion-mnist'; known: fashion_mnist"),
+     "error: data.name = 'fashion-mnist' is unknown: valid names are fashion_mnist"),
     ("prepare", ("  name: fashion_mnist ", "  name: mnist "), ("--out", "prepared"),
      "error: MNIST is missing or corrupt under data/raw and could not be downloaded"),
-    ("evaluate", ("", ""), ("--trials", "missing.json"), "error: missing.json not found: run the train stage first"),
-    ("export", ("", ""), ("--models", "none"), "error: no trained model under none: run `dvc repro train` first"),
+    ("evaluate", ("", ""), ("--trials", "missing.json", "--models", "models", "--data", "prepared", "--metrics", "m.json",
+                            "--table", "t.md", "--thresholds", "t.json", "--thresholds-test", "tt.json", "--plots", "p"),
+     "error: missing.json not found: run the train stage first"),
+    ("export", ("", ""), ("--models", "none", "--thresholds", "t.json", "--data", "prepared", "--out", "exports",
+                          "--trials", "trials.json", "--metrics", "e.json", "--evaluation", "m.json"),
+     "error: no trained model under none: run `dvc repro train` first"),
 ])
 def test_a_stage_names_what_to_fix_and_exits_2(tmp_path, monkeypatch, capsys, module, change, args, message):
     monkeypatch.chdir(tmp_path)
@@ -40,7 +44,7 @@ def test_a_stage_names_what_to_fix_and_exits_2(tmp_path, monkeypatch, capsys, mo
 def test_the_stage_command_prints_a_params_typo_without_a_traceback(tmp_path):
     """The whole path a user sees: `python -m pipeline.train` as dvc.yaml runs it."""
     broken_params(tmp_path, "  epochs: 5", "  epochs: five")
-    result = subprocess.run([sys.executable, "-m", "pipeline.train"], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run(stages.command("train", "params.yaml"), cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert result.stderr == "error: train.epochs = 'five' has the wrong type: expected int\n"

@@ -9,14 +9,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from slc import losses, training
-from slc.config import ConfigError
-from slc.data import PreparedData
-from slc.metrics import slc_metrics
-from slc.models import load_trained, predict_logits, save_trained
-from slc.preparation import prepare
-from slc.training import RunConfig, train_one, trained_info
+from slc.core.config import RunConfig
+from slc.core.errors import ConfigError
+from slc.data.preparation import prepare
+from slc.data.prepared import PreparedData
+from slc.evaluate.metrics import slc_metrics
+from slc.nn import losses
+from slc.nn.models import predict_logits
+from slc.nn.trained import load_trained, save_trained, trained_info
+from slc.train import training
+from slc.train.training import train_one
 from tests.conftest import prepared_synthetic
+from tests.pipeline.conftest import Crash, assert_same_weights, crash_after_first_epoch, weights
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +28,6 @@ def tiny(tmp_path_factory, params) -> PreparedData:
     """Seeded synthetic data: 5 classes of 8x8 prototypes plus noise, 180 training images."""
     return prepared_synthetic(params, tmp_path_factory.mktemp("synthetic"), num_classes=5, train_per_class=40,
                               test_per_class=10, image_size=8)
-
-
-def weights(model):
-    return {name: value.clone() for name, value in model.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_a_seeded_run_is_reproducible(tiny, tmp_path, tiny_run):
@@ -51,15 +45,6 @@ def test_each_epoch_is_reported_with_its_metrics_and_checkpoint(tiny, tmp_path, 
     assert all(0 <= r.val_accuracy <= 1 and 0 <= r.val_mean_auprc <= 1 and r.samples_per_s > 0 for r in reports)
     assert (tmp_path / "epoch-0003" / "checkpoint.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0003"], "only the latest checkpoint is kept"
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after_first_epoch(report):
-    if report.epoch == 1:
-        raise Crash("the machine went away")
 
 
 @pytest.mark.parametrize("loss", ["ce", "nce"])
@@ -96,11 +81,6 @@ def test_a_non_finite_loss_ends_the_run_as_failed_without_raising(tiny, tmp_path
     assert result.status == "failed" and result.epochs_completed == 1
     assert "epoch 2" in result.error and "nan" in result.error and "step 1 of 5" in result.error
     assert (tmp_path / "epoch-0001" / "checkpoint.pt").exists(), "the last good checkpoint stays"
-
-
-def test_an_unknown_optimizer_lists_the_known_ones(tiny, tmp_path, tiny_run):
-    with pytest.raises(ConfigError, match="adam, adamw, sgd"):
-        train_one(tiny_run(optimizer="lbfgs"), tiny, tmp_path, progress=False)
 
 
 def test_it_trains_under_distributed_data_parallel(tiny, tmp_path, tiny_run):

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import ui
 from serving.loadtest import free_port
-from slc import tracking
+from slc.core import tracking
 from tests.conftest import write_params
 
 BROWSER = next(filter(None, map(shutil.which, ui.BROWSERS)), None)

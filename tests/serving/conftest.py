@@ -3,6 +3,7 @@
 Five classes of 8x8 grey images; class 0 gets its own file; class 3 has no threshold at recall
 0.99 (NaN, as evaluate writes for a class without validation examples).
 """
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from slc.config import ModelConfig
-from slc.exporting import export_model
-from slc.models import build_model
+from slc.core.config import ModelConfig
+from slc.export.exporting import export_model
+from slc.nn.models import build_model
 
 SHAPE = (1, 8, 8)
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
@@ -74,3 +76,14 @@ def edit_manifest(export: Path, change) -> None:
     manifest = json.loads((export / "manifest.json").read_text())
     change(manifest)
     (export / "manifest.json").write_text(json.dumps(manifest))
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(*parts: bytes) -> list:
+    """Multipart `files` fields, one a part, as the score routes take them."""
+    return [("files", (f"part{i}", data)) for i, data in enumerate(parts)]

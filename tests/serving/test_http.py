@@ -9,12 +9,11 @@ import io
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from serving.http import max_request_bytes
 from serving.loadtest import Server
 from serving.model import SingleLogitModel
-from tests.serving.conftest import CLASSES, THRESHOLDS
+from tests.serving.conftest import CLASSES, THRESHOLDS, png, upload
 
 MAX_BATCH = 4
 
@@ -36,20 +35,10 @@ def library(export_dir):
     return SingleLogitModel.load(export_dir, max_batch=MAX_BATCH)
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def upload(*parts: bytes) -> list:
-    return [("files", (f"part{i}", data)) for i, data in enumerate(parts)]
 
 
 def assert_good_request_succeeds(client, library, pixels):

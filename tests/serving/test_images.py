@@ -25,7 +25,7 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> byt
 
 
 def prepare_arithmetic(nchw: np.ndarray, norm: dict) -> np.ndarray:
-    """slc.data.PreparedSplit.normalise, restated."""
+    """slc.data.datasets.PreparedSplit.normalise, restated."""
     mean = np.asarray(norm["mean"], np.float32)[:, None, None]
     std = np.asarray(norm["std"], np.float32)[:, None, None]
     return (nchw.astype(np.float32) / norm["pixel_scale"] - mean) / std

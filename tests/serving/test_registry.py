@@ -1,5 +1,5 @@
 """The MLflow Model Registry, both ends, on a real sqlite store: the export stage registers the best
-run's export under an alias (slc.registry), and `slc serve models:/<name>@<alias>` (serving.registry)
+run's export under an alias (slc.export.model_registry), and `slc serve models:/<name>@<alias>` (serving.registry)
 downloads it and answers exactly as the export directory does. What cannot be resolved (an
 unknown model, alias or version, a registry that is not there) is refused before anything is served."""
 import dataclasses
@@ -18,10 +18,10 @@ from serving.errors import ExportError, SetupError
 from serving.loadtest import Server, free_port
 from serving.model import SingleLogitModel
 from serving.registry import download
-from slc.records import TrialRecord
-from slc.registry import register_best
+from slc.core.records import TrialRecord
+from slc.export.model_registry import register_best
 from tests.conftest import repo_params
-from tests.serving.test_http import png, upload
+from tests.serving.conftest import png, upload
 
 EXPORT = dataclasses.replace(repo_params().export, registered_model="slc", registered_alias="champion")
 

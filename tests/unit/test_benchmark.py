@@ -8,13 +8,16 @@ import torch
 from onnx import TensorProto, helper
 
 from serving import model as serving_model
-from slc import benchmarking as benchmark
-from slc import speedup_report, timing
-from slc.config import BenchmarkConfig, ConfigError, ModelConfig
-from slc.exporting import export_model
-from slc.models import build_model
-from slc.onnx_graphs import SyntheticRows
-from slc.speedup_results import Architecture, SpeedupResults, read_speedup
+from slc.bench import benchmarking as benchmark
+from slc.bench import report as speedup_report
+from slc.bench import timing
+from slc.bench.results import Architecture, SpeedupResults, read_speedup
+from slc.core import peak_memory
+from slc.core.config import BenchmarkConfig, ModelConfig
+from slc.core.errors import ConfigError
+from slc.export.exporting import export_model
+from slc.export.onnx_graphs import SyntheticRows
+from slc.nn.models import build_model
 
 CPU = ["CPUExecutionProvider"]
 SETTINGS = dict(architectures=["resnet50"], num_classes=[1, 16384, 400_000], batch_size=1, threads=2, warmup=5,
@@ -177,15 +180,15 @@ def test_session_records_the_provider_it_really_used(tmp_path):
 
 
 def test_peak_rss_rises_by_the_memory_touched_and_a_reset_brings_it_back_down():
-    if not timing.reset_peak_rss():
+    if not peak_memory.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here: the peak cannot be reset")
     size = 128 << 20
-    before = timing.peak_rss_gb()
+    before = peak_memory.peak_rss_gb()
     block = np.ones(size, np.uint8)  # ones are written to every page, so every page is resident
-    peak = timing.peak_rss_gb()
+    peak = peak_memory.peak_rss_gb()
     del block
-    timing.reset_peak_rss()
-    after = timing.peak_rss_gb()
+    peak_memory.reset_peak_rss()
+    after = peak_memory.peak_rss_gb()
     assert peak - before == pytest.approx(size / 1e9, rel=0.1)
     assert peak - after == pytest.approx(size / 1e9, rel=0.1)
 

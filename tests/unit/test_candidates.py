@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from slc.candidates import draw_candidates, draw_uniform
-from slc.config import ModelConfig
-from slc.losses import LOSSES, POLS_ALIGNED, make_loss
-from slc.models import build_model
+from slc.core.config import ModelConfig
+from slc.nn.candidates import draw_candidates, draw_uniform
+from slc.nn.losses import LOSSES, POLS_ALIGNED, make_loss
+from slc.nn.models import build_model
 from tests.conftest import repo_params
 
 CFG = dataclasses.replace(repo_params().train, margin=1.0, self_norm_alpha=0.1, nce_noise_samples=7,

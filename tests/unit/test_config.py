@@ -4,7 +4,10 @@ import dataclasses
 import pytest
 import yaml
 
-from slc.config import ConfigError, Params, from_dict, load_params
+from slc.core.config import Params
+from slc.core.errors import ConfigError
+from slc.core.strict import from_dict
+from slc.params import load_params
 
 RAW = yaml.safe_load(open("params.yaml"))
 

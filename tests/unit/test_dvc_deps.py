@@ -5,7 +5,7 @@ import re
 import pytest
 import yaml
 
-from slc.closure import PROJECT_PACKAGES, ROOT, UnresolvedImport, import_closure
+from slc.core.closure import PROJECT_PACKAGES, ROOT, UnresolvedImport, import_closure
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

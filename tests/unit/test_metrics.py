@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from slc import metrics
-from slc.metrics import (
+from slc.evaluate import metrics
+from slc.evaluate.metrics import (
     MIN_RELATIVE_BASE,
     logit_histograms,
     pols_summary,
@@ -37,7 +37,7 @@ def sklearn_at_recall(y_true, scores, target):
 def chunking(request, monkeypatch):
     """Run each agreement test with all classes in one sort and with many small chunks."""
     if request.param != "one chunk":
-        monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 2 * 400)
+        monkeypatch.setattr(metrics, "WORK_ELEMENTS", 2 * 400)
 
 
 def test_auprc_agrees_with_sklearn_average_precision_with_ties(chunking):

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from slc.onnx_graphs import (
+from slc.export.onnx_graphs import (
     ALIGN,
     HEADS,
     SyntheticRows,

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from slc.config import ConfigError
-from slc.models import build_model, load_trained, pretrained_weights, save_trained
-from slc.pretrained import PretrainedWeightsError, cached_weights_path, load_pretrained
-from slc.training import RunConfig, train_one
+from slc.core.config import RunConfig
+from slc.core.errors import ConfigError
+from slc.nn.models import build_model, pretrained_weights
+from slc.nn.pretrained import PretrainedWeightsError, cached_weights_path, load_pretrained
+from slc.nn.trained import load_trained, save_trained
+from slc.train.training import train_one
 from tests.conftest import prepared_synthetic, repo_params
 
 K = 7
@@ -140,12 +142,6 @@ def test_an_unknown_weights_name_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="'IMAGENET1K_V3' is not a weights of resnet50: valid: "
                                           "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
         build_model(cfg("resnet50", "IMAGENET1K_V3"), (3, 32, 32), K)
-
-
-@pytest.mark.parametrize("name", ["mlp", "conv6"])
-def test_weights_for_the_papers_networks_are_refused(name):
-    with pytest.raises(ConfigError, match="for torchvision architectures"):
-        build_model(cfg(name, "IMAGENET1K_V1"), (3, 32, 32), K)
 
 
 def test_images_with_four_channels_are_refused_saying_the_weights_are_rgb():

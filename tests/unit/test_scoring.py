@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from slc import scoring
-from slc.metrics import slc_metrics
-from slc.scoring import Head, class_sample, score_classes, thresholds_at_recall, top1_accuracy, true_logits
+from slc.core.sampling import class_sample
+from slc.evaluate import scoring
+from slc.evaluate.metrics import slc_metrics
+from slc.evaluate.scoring import Head, score_classes, thresholds_at_recall, top1_accuracy, true_logits
 
 RECALLS = (0.5, 0.9, 0.99)
 
@@ -21,7 +22,7 @@ def problem(n=400, k=60, d=8, seed=0):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 400 * 7)  # 7 classes of 400 examples a chunk
+    monkeypatch.setattr(scoring, "LOGITS_PER_CHUNK", 400 * 7)  # 7 classes of 400 examples a chunk
     monkeypatch.setattr(scoring, "ROW_BATCH", 64)
 
 
@@ -66,7 +67,7 @@ def test_true_logits_are_the_matrix_values_when_it_fits_and_close_when_it_does_n
     features, labels, head = problem(seed=3)
     whole = scoring.logits_of(features, head, None)
     np.testing.assert_array_equal(true_logits(features, labels, head), whole[np.arange(400), labels])
-    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(scoring, "LOGITS_PER_CHUNK", 100)
     np.testing.assert_allclose(true_logits(features, labels, head), whole[np.arange(400), labels], atol=1e-5)
 
 

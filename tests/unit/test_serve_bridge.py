@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,8 +6,10 @@ import yaml
 
 from pipeline.serve import main
 from serving import cli
-from slc.errors import run_stage
-from slc.registry import NothingToServeError, best_run
+from slc.core.errors import run_stage
+from slc.export.model_registry import NothingToServeError, best_run
+from slc.params import load_params
+from tests.conftest import PARAMS_YAML
 
 
 def write_metrics(tmp_path, runs):
@@ -38,18 +41,46 @@ def test_make_serve_before_the_pipeline_ran_is_one_error_line_and_exit_2(tmp_pat
     assert err.startswith("error: ") and err.count("\n") == 1 and "dvc repro" in err
 
 
-def test_make_serve_serves_every_export_with_the_best_as_default_and_the_serving_settings(tmp_path, monkeypatch):
-    metrics = write_metrics(tmp_path, {"ce-s0": 0.2, "bce-s0": 0.1})
-    for run in ("ce-s0", "bce-s0"):
-        (tmp_path / "exports" / run).mkdir(parents=True)
-        (tmp_path / "exports" / run / "manifest.json").write_text("{}")
-    params = yaml.safe_load(open("params.yaml"))
-    params["serving"] |= {"batch_wait_ms": 4, "token_file": "/etc/slc/token", "onnx_threads": 1}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    calls = []
-    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
-    assert main(["--params", str(tmp_path / "params.yaml"), "--metrics", str(metrics), "--exports",
-                 str(tmp_path / "exports")]) == 0
-    assert calls == [["serve", str(tmp_path / "exports"), "--default-run", "bce-s0", "--host", "127.0.0.1", "--port",
-                      "8000", "--max-batch", "256", "--onnx-threads", "1", "--batch-wait-ms", "4.0", "--token-file",
-                      "/etc/slc/token"]]
+@pytest.fixture
+def bridged(tmp_path, monkeypatch):
+    """`bridged(**serving)`: run `make serve` on two exports (bce-s0 the best) with params.yaml's
+    serving section changed so, and return its config and the `slc serve` arguments as serving.cli parses them."""
+    def run(**serving):
+        metrics = write_metrics(tmp_path, {"ce-s0": 0.2, "bce-s0": 0.1})
+        for run_name in ("ce-s0", "bce-s0"):
+            (tmp_path / "exports" / run_name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "exports" / run_name / "manifest.json").write_text("{}")
+        params = yaml.safe_load(PARAMS_YAML.read_text())
+        params["serving"] |= serving
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        calls = []
+        monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+        assert main(["--params", str(tmp_path / "params.yaml"), "--metrics", str(metrics), "--exports",
+                     str(tmp_path / "exports")]) == 0
+        assert len(calls) == 1
+        return load_params(tmp_path / "params.yaml").serving, cli.parser().parse_args(calls[0])
+    return run
+
+
+# Ray Serve's alone (serving.ray_app); `slc serve` is one process.
+NOT_SLC_SERVE_OPTIONS = {"replicas"}
+
+
+def test_make_serve_serves_every_export_with_the_best_as_default(bridged, tmp_path):
+    _, args = bridged()
+    assert (args.command, args.sources, args.default_run) == ("serve", [str(tmp_path / "exports")], "bce-s0")
+
+
+def test_make_serve_hands_every_serving_setting_to_slc_serve(bridged):
+    cfg, args = bridged(host="0.0.0.0", port=8123, max_batch=64, request_threads=3, onnx_threads=2, batch_wait_ms=4,
+                        token_file="/etc/slc/token")
+    settings = {f.name for f in dataclasses.fields(cfg)} - NOT_SLC_SERVE_OPTIONS
+    assert {key: getattr(args, key) for key in settings} == {key: getattr(cfg, key) for key in settings}
+    assert (args.port, args.batch_wait_ms, args.token_file) == (8123, 4.0, "/etc/slc/token")  # not cli's defaults
+
+
+def test_a_null_serving_setting_is_left_to_slc_serves_own_default(bridged, tmp_path):
+    _, args = bridged(request_threads=None, onnx_threads=None, batch_wait_ms=None, token_file=None)
+    defaults = cli.parser().parse_args(["serve", str(tmp_path / "exports")])
+    for key in ("request_threads", "onnx_threads", "batch_wait_ms", "token_file"):
+        assert getattr(args, key) == getattr(defaults, key), key

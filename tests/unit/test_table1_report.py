@@ -3,8 +3,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from slc.losses import POLS_ALIGNED
-from slc.table1_report import error_names, errors_markdown, table1_markdown
+from slc.evaluate.table1 import error_names, errors_markdown, table1_markdown
+from slc.nn.losses import POLS_ALIGNED
 
 SLC = json.loads((Path(__file__).resolve().parents[1] / "fixtures/earlier_run/metrics/slc.json").read_text())
 SETTINGS = {"dataset": "fashion_mnist", "evaluated_on": "data/prepared (fashion_mnist)", "model": "mlp",

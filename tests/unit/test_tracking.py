@@ -4,13 +4,13 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from slc import tracking
-from slc.config import MlflowConfig
-from slc.records import TrialRecord
+from slc.core import tracking
+from slc.core.config import MlflowConfig, run_name
+from slc.core.records import TrialRecord
 
 
 def test_run_name_is_loss_and_seed():
-    assert tracking.run_name("batch_ce", 3) == "batch_ce-s3"
+    assert run_name("batch_ce", 3) == "batch_ce-s3"
 
 
 def test_tracking_uri_defaults_to_an_absolute_sqlite_db_at_the_root(tmp_path, monkeypatch):
