@@ -126,7 +126,7 @@ def test_cpu_stand_in_records_the_device_and_onnxruntimes_providers(smoke):
 @pytest.mark.slow
 def test_cpu_stand_in_times_every_step_and_the_total(smoke):
     figures = smoke["json"]
-    names = ["device check", "device", "data: write the fixtures",
+    names = ["start-up (imports)", "device check", "device", "data: write the fixtures",
              *(f"{run}: {stage}" for run in ("conv6_grid", "many_classes")
                for stage in ("prepare", "train", "evaluate", "export")),
              "agreement: CPU provider against PyTorch", "timing: mlp graphs"]
