@@ -15,8 +15,21 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import ray
+import torch
+from onnx import TensorProto, helper
 
+from serving.machine import machine_info
+from serving.manifest import read_manifest
+from serving.model import SingleLogitModel
+from slc import timing
+from slc.benchmarking import input_shape, write_backbone, write_head, write_models
+from slc.data import PreparedData
 from slc.errors import PipelineError
+from slc.exporting import verification_images
+from slc.models import load_trained
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # onnxruntime's CUDA provider runs float32 GEMMs and convolutions in TF32 by default (10-bit mantissa,
@@ -38,9 +51,6 @@ class ProviderError(PipelineError, RuntimeError):
 
 def require_gpu(allow_cpu: bool) -> dict | None:
     """The GPU's description, or None (the CPU stand-in) with --allow-cpu; else NoGpuError, at once."""
-    import onnxruntime as ort
-    import torch
-
     if not torch.cuda.is_available():
         why = "torch sees no CUDA device (torch.cuda.is_available() is False)"
     elif CUDA not in ort.get_available_providers():
@@ -48,6 +58,9 @@ def require_gpu(allow_cpu: bool) -> dict | None:
                f"install requirements.lock, whose onnxruntime-gpu has it")
     else:
         why = onnxruntime_cuda_problem()
+        if why is not None and hasattr(ort, "preload_dlls"):  # the CUDA and cuDNN of nvidia's wheels, found by path
+            ort.preload_dlls()
+            why = onnxruntime_cuda_problem()
     if why is None:
         props = torch.cuda.get_device_properties(0)
         return {"name": props.name, "count": torch.cuda.device_count(), "memory_gb": round(props.total_memory / 1e9, 1),
@@ -62,10 +75,6 @@ def require_gpu(allow_cpu: bool) -> dict | None:
 
 def onnxruntime_cuda_problem() -> str | None:
     """Why onnxruntime cannot run a graph on CUDA here (a one-node graph, opened and run), or None."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
@@ -101,12 +110,6 @@ def driver_version() -> str | None:
 
 def device_info(gpu: dict | None) -> dict:
     """The machine, the software the figures depend on, and the GPU (None on the CPU stand-in)."""
-    import onnxruntime as ort
-    import ray
-    import torch
-
-    from serving.machine import machine_info
-
     return {**machine_info(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None, "ray": ray.__version__,
             "onnxruntime_providers": ort.get_available_providers(), "gpu": gpu}
@@ -121,8 +124,6 @@ def checked_providers(used: list[str], asked: list[str], what: str) -> list[str]
 
 def _logits(export_dir: Path, graph: str, providers: list[str], images: np.ndarray, ids: np.ndarray):
     """The export's logits as serving loads it (hashes checked): all k (full) or one per image (single_logit)."""
-    from serving.model import SingleLogitModel
-
     model = SingleLogitModel.load(export_dir, graph=graph, providers=providers)
     used = checked_providers(model.providers, providers, f"{export_dir.name}'s {graph} graph")
     feeds = {"image": images, **({"class_id": ids} if graph == "single_logit" else {})}
@@ -132,13 +133,6 @@ def _logits(export_dir: Path, graph: str, providers: list[str], images: np.ndarr
 def agreement(exports: dict[str, tuple[Path, Path, Path]], gpu: bool, n_images: int) -> dict:
     """Each export's logits on the GPU against the CPU's (the CPU stand-in: onnxruntime's CPU provider
     against PyTorch), on `n_images` test images; `exports` maps a run to (export, prepared data, model) folders."""
-    import torch
-
-    from serving.manifest import read_manifest
-    from slc.data import PreparedData
-    from slc.exporting import verification_images
-    from slc.models import load_trained
-
     runs = {}
     for run, (export_dir, data_dir, model_dir) in exports.items():
         manifest = read_manifest(export_dir)
@@ -175,10 +169,6 @@ def compare_logits(got: np.ndarray, expected: np.ndarray) -> dict:
 
 def tensorrt_usable(model: Path, threads: int) -> dict:
     """Whether onnxruntime really runs `model` on TensorRT here (it lists the provider without its libraries)."""
-    import onnxruntime as ort
-
-    from slc import timing
-
     if TENSORRT not in ort.get_available_providers():
         return {"usable": False, "why": f"onnxruntime {ort.__version__} does not offer {TENSORRT}"}
     try:
@@ -196,8 +186,6 @@ def time_at_k(paths: dict[str, Path], providers: list[str], k: int, batches: lis
               warmup: int, repeats: int) -> list[dict]:
     """Open the backbone, full and single_logit graphs once on `providers`, then time them interleaved
     (slc.timing) at each batch size: host arrays in, host arrays out, as a server calls them."""
-    from slc import timing
-
     settings = timing.session_settings(threads, False, providers)
     sessions, load_s = {}, {}
     for kind, path in paths.items():
@@ -225,8 +213,6 @@ def time_graphs(architecture: str, ks: list[int], batches: list[int], params, gp
     stage builds them: one head file for the largest k, a prefix of it per k) timed at every k and batch
     on CUDA (the CPU stand-in: the CPU), and on TensorRT at the smallest and largest k, batch 1, when it
     loads and the budget leaves TENSORRT_RESERVE_S."""
-    from slc.benchmarking import input_shape, write_backbone, write_head, write_models
-
     began = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     threads = params.benchmark.threads

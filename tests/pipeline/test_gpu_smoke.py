@@ -1,5 +1,6 @@
 """`make gpu-smoke`: the GPU proof. Its GPU settings are checked by construction here (no GPU is needed to
 build them); its CPU stand-in (`--allow-cpu`) runs end to end, so the script cannot rot before a GPU comes."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -75,6 +76,13 @@ def test_a_session_that_fell_back_to_another_provider_is_an_error():
     with pytest.raises(gpu_checks.ProviderError, match="opened model.onnx on CPUExecutionProvider, not CUDA"):
         gpu_checks.checked_providers([gpu_checks.CPU], [gpu_checks.CUDA, gpu_checks.CPU], "model.onnx")
     assert gpu_checks.checked_providers([gpu_checks.CUDA, gpu_checks.CPU], [gpu_checks.CUDA, gpu_checks.CPU], "x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA provider loads")
+def test_without_a_gpu_the_cuda_timing_refuses_onnxruntimes_fallback_to_the_cpu(params, tmp_path):
+    tiny = dataclasses.replace(params, model=dataclasses.replace(params.model, hidden=16))
+    with pytest.raises(gpu_checks.ProviderError, match="on CPUExecutionProvider, not CUDAExecutionProvider"):
+        gpu_checks.time_graphs("mlp", [1, 10], [1], tiny, True, 0, 1, tmp_path, budget_left_s=0)
 
 
 def test_the_report_puts_the_gpu_beside_the_cpu_machine_and_the_paper():
