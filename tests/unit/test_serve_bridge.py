@@ -44,12 +44,14 @@ def test_make_serve_serves_every_export_with_the_best_as_default_and_the_serving
         (tmp_path / "exports" / run).mkdir(parents=True)
         (tmp_path / "exports" / run / "manifest.json").write_text("{}")
     params = yaml.safe_load(open("params.yaml"))
-    params["serving"] |= {"batch_wait_ms": 4, "token_file": "/etc/slc/token", "onnx_threads": 1}
+    params["serving"] |= {"batch_wait_ms": 4, "token_file": "/etc/slc/token", "onnx_threads": 1,
+                          "public_key": "/etc/slc/exports.pub", "request_timeout_s": 30}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     calls = []
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
     assert main(["--params", str(tmp_path / "params.yaml"), "--metrics", str(metrics), "--exports",
                  str(tmp_path / "exports")]) == 0
     assert calls == [["serve", str(tmp_path / "exports"), "--default-run", "bce-s0", "--host", "127.0.0.1", "--port",
-                      "8000", "--max-batch", "256", "--onnx-threads", "1", "--batch-wait-ms", "4.0", "--token-file",
-                      "/etc/slc/token"]]
+                      "8000", "--max-batch", "256", "--max-header-bytes", "16384", "--max-headers", "100",
+                      "--request-timeout-s", "30.0", "--onnx-threads", "1", "--batch-wait-ms", "4.0", "--token-file",
+                      "/etc/slc/token", "--public-key", "/etc/slc/exports.pub"]]
