@@ -41,8 +41,7 @@ def configured_key(configured: str | Path | None, env: str, environ: Mapping[str
 
 def sign_export(export_dir: Path, private_key: Path) -> Path:
     """Sign every file of `export_dir` (the manifest included) into export_dir/model.sig."""
-    from model_signing import hashing, signing
-
+    hashing, signing, _ = _model_signing()
     _check_readable(private_key, "signing key", "export.signing_key or SLC_SIGNING_KEY", ExportError)
     try:
         config = signing.Config().use_elliptic_key_signer(private_key=private_key)
@@ -56,8 +55,7 @@ def sign_export(export_dir: Path, private_key: Path) -> Path:
 
 def verify_signature(export_dir: Path, public_key: Path) -> None:
     """Refuse, in one line, an export that `public_key`'s private key did not sign as it is now."""
-    from model_signing import verifying
-
+    _, _, verifying = _model_signing()
     _check_readable(public_key, "public key", f"--public-key or {PUBLIC_KEY_ENV}", SetupError)
     plain_files(export_dir)  # a symlink is refused with its own message before the signature is read
     if not (export_dir / SIGNATURE).is_file():
@@ -127,6 +125,17 @@ def _why_unverified(export_dir: Path, message: str, public_key: Path) -> str:
 def _sha256(path: Path) -> str:
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _model_signing():
+    """model-signing's hashing, signing and verifying modules, imported only to sign or verify (0.7 s,
+    and not in a bare `pip install .`)."""
+    try:
+        from model_signing import hashing, signing, verifying
+    except ImportError as error:
+        raise SetupError(f"signing and verifying exports needs model-signing, which cannot be imported ({error}): "
+                         f"pip install 'slc-pipeline[serve]'") from None
+    return hashing, signing, verifying
 
 
 def _check_readable(path: Path, what: str, setting: str, error: type[Exception]) -> None:

@@ -2,6 +2,7 @@
 verify with the public key before loading, and refuse in one line an export changed after signing,
 signed by another key, or not signed at all; without a key nothing changes but what `slc info` says."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +103,9 @@ def test_slc_info_takes_the_public_key_from_the_environment(capsys, monkeypatch,
     edit_manifest(signed_copy, lambda m: m["thresholds"]["0.9"].__setitem__(0, 1.0))
     code, _, err = run(capsys, "info", signed_copy)
     assert code == 3 and "changed manifest.json" in err
+
+
+def test_without_model_signing_installed_it_says_what_to_install(monkeypatch, signed_exports, keys):
+    monkeypatch.setitem(sys.modules, "model_signing", None)  # `import model_signing` now raises ImportError
+    with pytest.raises(SetupError, match=r"needs model-signing, .*pip install 'slc-pipeline\[serve\]'"):
+        SingleLogitModel.load(signed_exports / "ce-s0", public_key=keys[1])
