@@ -24,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     run = best_run(args.metrics, args.exports)
     print(f"serving every run of {args.exports}/, by default {run} (lowest 1-AUPRC of the exported runs)")
     serve_args = ["serve", str(args.exports), "--default-run", run, "--host", cfg.host, "--port", str(cfg.port),
-                  "--max-batch", str(cfg.max_batch)]
+                  "--max-batch", str(cfg.max_batch), "--max-header-bytes", str(cfg.max_header_bytes),
+                  "--max-headers", str(cfg.max_headers), "--request-timeout-s", str(cfg.request_timeout_s)]
     for flag, value in (("--request-threads", cfg.request_threads), ("--onnx-threads", cfg.onnx_threads),
-                        ("--batch-wait-ms", cfg.batch_wait_ms), ("--token-file", cfg.token_file)):
+                        ("--batch-wait-ms", cfg.batch_wait_ms), ("--token-file", cfg.token_file),
+                        ("--public-key", cfg.public_key)):
         if value is not None:
             serve_args += [flag, str(value)]
     return cli.main(serve_args)

@@ -33,9 +33,10 @@ def check_wait(wait_ms: float) -> float:
 
 
 def infer(model: SingleLogitModel, metrics: Metrics, images: np.ndarray, class_ids) -> np.ndarray:
-    """One onnxruntime call, timed and counted."""
+    """One onnxruntime call on prepared images, timed and counted; its logits as they come (each
+    request checks its own for non-finite values: serving.model.check_finite)."""
     start = time.perf_counter()
-    logits = model.score(images, class_ids)
+    logits = model.logits(images, model.class_ids(class_ids, len(images)))
     labels = {"run": model.run_name, "graph": model.graph}
     metrics.observe(INFERENCE, time.perf_counter() - start, labels)
     metrics.observe(BATCH, len(images), labels)
@@ -79,11 +80,11 @@ class Batcher:
             self.worker = None
 
     async def run(self, batch: list[tuple[np.ndarray, int, asyncio.Future]]) -> None:
+        requests = [(images, class_id) for images, class_id, _ in batch]
         try:
-            parts = await anyio.to_thread.run_sync(score_together, self.model, self.metrics,
-                                                   [(images, class_id) for images, class_id, _ in batch])
-        except Exception as error:  # not the requests' fault (they were checked): each of them gets a 500
-            parts = [error] * len(batch)
+            parts = await anyio.to_thread.run_sync(score_together, self.model, self.metrics, requests)
+        except Exception:  # a call must not fail for a request that would succeed alone: each is tried alone
+            parts = [await self.alone(request) for request in requests]
         for (_, _, future), part in zip(batch, parts):
             if future.done():  # its client went away
                 continue
@@ -91,6 +92,13 @@ class Batcher:
                 future.set_exception(part)
             else:
                 future.set_result(part)
+
+
+    async def alone(self, request: tuple[np.ndarray, int]) -> np.ndarray | Exception:
+        try:
+            return (await anyio.to_thread.run_sync(score_together, self.model, self.metrics, [request]))[0]
+        except Exception as error:  # its own failure, the request's answer (a 500 unless it is an InputError)
+            return error
 
 
 class Batching:

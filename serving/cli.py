@@ -4,9 +4,12 @@
     slc info EXPORT_DIR [--json]
     slc serve EXPORT_DIR [EXPORT_DIR ...] [--default-run RUN] [--host 127.0.0.1] [--port 8000] [--max-batch 256]
               [--request-threads N] [--onnx-threads N] [--batch-wait-ms MS] [--token-file PATH]
+              [--max-header-bytes 16384] [--max-headers 100] [--request-timeout-s 60]
+    (each with [--public-key PEM]: refuse an export its private key did not sign; SLC_PUBLIC_KEY too)
 
 `slc serve` takes exports (exports/<run>), directories of them (exports/) or registered exports of the
-MLflow Model Registry (models:/slc@champion, serving.registry) and serves every run.
+MLflow Model Registry (models:/slc@champion, serving.registry) and serves every run; `slc info` takes
+one of either.
 Exit codes: 0 done, 2 bad arguments or settings, 3 a missing or tampered export (`EXIT_CODES`),
 4 images, a class or a run that cannot be scored. The `serve` defaults are those of params.yaml's
 `serving` section; `make serve` passes that section's values explicitly.
@@ -25,7 +28,9 @@ from serving.auth import ENV as TOKEN_ENV
 from serving.auth import read_token
 from serving.errors import ExportError, InputError, SetupError, UnknownClassError
 from serving.images import decode
+from serving.limits import Limits
 from serving.model import GRAPHS, SingleLogitModel
+from serving.signing import PUBLIC_KEY_ENV, configured_key, describe
 
 # Error type -> exit status, most specific first (argparse itself exits with 2).
 EXIT_CODES: dict[type[Exception], int] = {SetupError: 2, ExportError: 3, InputError: 4}
@@ -54,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print one JSON object for machines")
     score.set_defaults(run=run_score)
     info = commands.add_parser("info", help="what the export holds (after checking every file)")
-    info.add_argument("export_dir", type=Path)
+    info.add_argument("export_dir", help="an export directory, or models:/<name>@<alias> or models:/<name>/<version>")
     info.add_argument("--json", action="store_true", help="print the full description as JSON")
     info.set_defaults(run=run_info)
     serve = commands.add_parser("serve", help="serve exports over HTTP with uvicorn (OpenAPI docs at /docs)")
@@ -75,11 +80,20 @@ def parser() -> argparse.ArgumentParser:
                             "for others (default: no batching)")
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help=f"require the bearer token in this file's first line ({TOKEN_ENV} wins over it)")
+    serve.add_argument("--max-header-bytes", type=positive, default=Limits.max_header_bytes,
+                       help="request line and header fields together, at most (431 beyond)")
+    serve.add_argument("--max-headers", type=positive, default=Limits.max_headers,
+                       help="header fields per request, at most (431 beyond)")
+    serve.add_argument("--request-timeout-s", type=positive_s, default=Limits.request_timeout_s, metavar="S",
+                       help="a request head must arrive within S s, its body and answer within S s more (408/503)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve)
     for command in (score, info, serve):
         command.add_argument("--graph", default="single_logit", choices=list(GRAPHS),
                              help="single_logit.onnx (default) or the full model.onnx")
+        command.add_argument("--public-key", default=None, metavar="PEM",
+                             help=f"refuse an export this elliptic-curve public key's private key did not sign "
+                                  f"as it is ({PUBLIC_KEY_ENV} wins over it; default: signatures are not checked)")
     return top
 
 
@@ -92,18 +106,29 @@ def positive(text: str) -> int:
 
 def positive_ms(text: str) -> float:
     """argparse type of a wait: 0 would be no wait, so leave the flag out for that."""
+    return _positive_float(text, "milliseconds (leave the flag out to serve without batching)")
+
+
+def positive_s(text: str) -> float:
+    return _positive_float(text, "seconds")
+
+
+def _positive_float(text: str, unit: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of milliseconds (leave the flag "
-                                         f"out to serve without batching)")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of {unit}")
     return value
 
 
+def public_key(args) -> Path | None:
+    return configured_key(args.public_key, PUBLIC_KEY_ENV)
+
+
 def run_score(args) -> int:
-    model = SingleLogitModel.load(args.export_dir, graph=args.graph)
+    model = SingleLogitModel.load(args.export_dir, graph=args.graph, public_key=public_key(args))
     class_id = class_id_of(model, args.class_)
     names, parts = [], []
     for path in args.images:
@@ -150,10 +175,15 @@ def class_id_of(model: SingleLogitModel, text: str) -> int:
 
 
 def run_info(args) -> int:
-    model = SingleLogitModel.load(args.export_dir, graph=args.graph)
+    from serving.registry import resolve
+
+    key = public_key(args)
+    export_dir = resolve(args.export_dir)  # a models:/ source: downloaded, its manifest checked against the registry
+    model = SingleLogitModel.load(export_dir, graph=args.graph, public_key=key)
     description = model.describe()
+    signature = describe(model.export_dir, key)
     if args.json:
-        print(json.dumps(description, indent=2))
+        print(json.dumps({**description, "signature": signature}, indent=2))
         return 0
     names = description["class_names"]
     worst = max(description["max_abs_diff"].values(), default=float("nan"))
@@ -164,6 +194,7 @@ def run_info(args) -> int:
         f"thresholds   recall {', '.join(f'{r:g}' for r in description['recalls']) or 'none'}",
         f"graph        {description['graph_file']} (opset {description['opset']}) on {', '.join(description['providers'])}",
         f"verified     {len(model.manifest.files)} files match their sha256; max |ORT - PyTorch| at export {worst:.2e}",
+        f"signature    {signature}",
     ]))
     return 0
 
@@ -172,15 +203,18 @@ def run_serve(args) -> int:
     import uvicorn
 
     from serving.batching import Batching
+    from serving.bounded import bounded_h11
     from serving.http import create_app
     from serving.metrics import PrometheusMetrics
     from serving.registry import resolve
     from serving.runs import Runs
 
     token = read_token(args.token_file)  # a bad token file stops the server before anything is downloaded or loaded
+    limits = Limits(args.max_header_bytes, args.max_headers, args.request_timeout_s)
     # models:/ sources downloaded (serving.registry); export directories, or directories of them (serving.runs.export_dirs)
     sources = [resolve(source) for source in args.sources]
-    runs = Runs.load(sources, args.default_run, graph=args.graph, max_batch=args.max_batch, threads=args.onnx_threads)
+    runs = Runs.load(sources, args.default_run, graph=args.graph, max_batch=args.max_batch, threads=args.onnx_threads,
+                     public_key=public_key(args))
     others = f" and {len(runs.models) - 1} more run(s) at /v1/runs/<run>" if len(runs.models) > 1 else ""
     print(f"slc: serving {runs.default.run_name} ({args.graph}){others} on http://{args.host}:{args.port} "
           f"(docs at /docs)", file=sys.stderr)
@@ -190,8 +224,10 @@ def run_serve(args) -> int:
               f"(params.yaml: serving.token_file) to require `Authorization: Bearer <token>`.", file=sys.stderr)
     metrics = PrometheusMetrics()
     score = None if args.batch_wait_ms is None else Batching(metrics, args.batch_wait_ms)
-    app = create_app(runs, request_threads=args.request_threads, score=score, token=token, metrics=metrics)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(runs, request_threads=args.request_threads, score=score, token=token, metrics=metrics, limits=limits)
+    # h11, whose head limit BoundedH11 answers with 431 (httptools, uvicorn's default, reads a head of any size)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=bounded_h11(limits),
+                h11_max_incomplete_event_size=limits.max_header_bytes)
     return 0
 
 

@@ -42,5 +42,10 @@ class BatchTooLargeError(BatchSizeError):
     """More images than `serving.max_batch`."""
 
 
+class NonFiniteLogitError(InputError):
+    """Input that is finite but overflows inside the network: its logit is inf or NaN, which no
+    threshold can decide on (a silent "no" would be a wrong answer)."""
+
+
 class ThresholdError(InputError):
     """A recall target without calibrated thresholds, or a class whose threshold is undefined."""

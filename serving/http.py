@@ -8,8 +8,11 @@
     GET  /v1/model, POST /v1/classes/{class_id}/score: the same for the default run
 
 Bad input is the client's to fix, so each library error becomes a 4xx whose `detail` says what
-was wrong and what is expected (`STATUS`), and the server goes on serving. A body is read only up
-to what the largest acceptable batch needs, with or without a Content-Length (413 beyond). Uploads
+was wrong and what is expected (`STATUS`), and the server goes on serving. A request is checked on
+its own, as the network's float32 input, before its images join any batch, and its own logits are
+checked for inf and NaN after (422), so no request fails or changes for another's sake. A body is
+read only up to what the largest acceptable batch needs, with or without a Content-Length (413
+beyond); the head's size and fields and the request's time are bounded first (serving.bounded). Uploads
 are read on the event loop; decoding and inference run in worker threads, `request_threads` at
 most (one per CPU by default, not FastAPI's 40), so a burst of requests queues instead of holding
 40 decoded batches in memory and 40 threads contending for the GIL and the cores.
@@ -21,17 +24,21 @@ from typing import Annotated
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, File, HTTPException, Path, Query, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Path, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from serving.auth import BearerToken
 from serving.batching import Scorer, infer
+from serving.bounded import BodyLimit, HeaderCount, RequestTimeout
 from serving.errors import BatchTooLargeError, DecodeError, InputError, UnknownClassError, UnknownRunError
 from serving.images import check_batch_size, decode
+from serving.limits import Limits
 from serving.metrics import Metrics, PrometheusMetrics, RequestMetrics, label_request
-from serving.model import SingleLogitModel
+from serving.model import SingleLogitModel, check_finite
 from serving.runs import Runs
+
+DEFAULT_LIMITS = Limits()
 
 # Library error -> HTTP status; the most specific class in the error's MRO wins.
 STATUS: dict[type[Exception], int] = {
@@ -57,12 +64,13 @@ class Score(BaseModel):
 
 
 def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer | None = None,
-               token: str | None = None, metrics: Metrics | None = None) -> FastAPI:
+               token: str | None = None, metrics: Metrics | None = None, limits: Limits = DEFAULT_LIMITS) -> FastAPI:
     """The app around loaded runs. At most `request_threads` requests (None: one per CPU) are decoded
     at once, the others wait without holding a thread. `score` runs onnxruntime (None: in a worker
     thread too, one call per request; serving.batching shares calls). `metrics` records the series
     of serving.metrics; PrometheusMetrics (the default) are served at GET /metrics. With a `token`,
-    every route but /healthz needs it."""
+    every route but /healthz needs it. `limits` bounds header fields and time before the token is
+    checked (their bytes are the protocol's: serving.bounded.BoundedH11)."""
     default, limit = runs.default, body_limit(runs)
     app = FastAPI(title="Single logit classification", version="1",
                   summary=f"Is this image of class c? {len(runs.models)} run(s), by default {default.run_name} "
@@ -85,6 +93,8 @@ def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer 
         app.add_middleware(BodyLimit, limit=limit)
     if token is not None:
         app.add_middleware(BearerToken, token=token)
+    app.add_middleware(HeaderCount, limit=limits.max_headers)
+    app.add_middleware(RequestTimeout, seconds=limits.request_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last, so outermost: it sees the 401s too
 
     @app.exception_handler(InputError)
@@ -145,7 +155,8 @@ def add_run_routes(app: FastAPI, prefix: str, run, score: Scorer, slots: anyio.C
         thresholds = None if recall is None else model.thresholds(recall)
         uploads = [(await upload.read(), upload.filename or f"upload {i}") for i, upload in enumerate(files)]
         images = await anyio.to_thread.run_sync(prepare, model, uploads, limiter=slots)
-        logits = await score(model, images, class_id)
+        # this request's own logits checked, after a call it may have shared: an overflow fails it alone
+        logits = check_finite(await score(model, images, class_id), class_id)
         threshold = None if thresholds is None or np.isnan(thresholds[class_id]) else float(thresholds[class_id])
         return Score(run_name=model.run_name, class_id=class_id, class_name=model.class_names[class_id],
                      graph=model.graph, recall=recall, threshold=threshold, logits=logits.tolist(),
@@ -158,42 +169,6 @@ def prepare(model: SingleLogitModel, uploads: list[tuple[bytes, str]]) -> np.nda
     batch = np.concatenate([model.prepare(decode(data, name, size)) for data, name in uploads])
     check_batch_size(len(batch), model.max_batch)
     return batch
-
-
-class BodyLimit:
-    """Refuse a body that cannot hold an acceptable batch without reading it into memory: by its
-    Content-Length before reading, or, when it has none (chunked), once what arrived passes the
-    limit; the 413 then closes the connection, so the client stops sending. (FastAPI's own
-    `max_body_size` answers a bare "Content Too Large" instead of saying what to change.)"""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            error = self.too_large(f"{int(length)} bytes")
-            await JSONResponse({"detail": error.detail}, error.status_code, error.headers)(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_within_limit():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:  # raised into the body's parser, which FastAPI lets through to its handler
-                raise self.too_large(f"more than {self.limit} bytes")
-            return message
-
-        await self.app(scope, receive_within_limit, send)
-
-    def too_large(self, size: str) -> HTTPException:
-        return HTTPException(413, f"the request body has {size}; at most {self.limit} are read, what the largest batch "
-                                  f"a request may send (serving.max_batch images) needs; send fewer images per request",
-                             headers={"Connection": "close"})
 
 
 def max_request_bytes(model: SingleLogitModel) -> int | None:

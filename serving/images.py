@@ -15,6 +15,7 @@ resizing changes the answer, so a wrong size is an error that says the size expe
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +24,10 @@ from serving.errors import BatchSizeError, BatchTooLargeError, DecodeError, Imag
 
 CHANNEL_SIZES = (1, 3, 4)
 NPY_MAGIC = b"\x93NUMPY"
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+NPY_HEADER_BYTES = 10_000   # numpy's own default bound on a header it parses
+NPY_KINDS = "buif"          # bool, unsigned, signed, float: what to_model_input can say something about
+NPY_MAX_DIMS = 4
 IMAGE_FORMATS = ["PNG", "JPEG"]
 # Pillow modes decoded to grey ("L") or RGB without losing information.
 GREY_MODES = {"1", "L", "LA"}
@@ -36,23 +41,56 @@ def decode(data: bytes, name: str = "upload", size: tuple[int, int] | None = Non
     are decoded, so a huge upload costs nothing.
     """
     if data.startswith(NPY_MAGIC):
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, EOFError, OSError) as error:
-            raise DecodeError(f"{name} looks like an .npy file but cannot be read ({error}); save it with "
-                              f"numpy.save (no pickled objects)") from None
+        return read_npy(data, name)
+    # Pillow's decoders raise what they meet in a corrupt file (struct.error, IndexError, zlib errors as
+    # well as OSError): any of them is bytes that are not a readable image, the client's to fix, never a 500
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except Exception as error:
         raise _decode_error(name, data, error) from None
     with image:
         if size is not None and (image.height, image.width) != tuple(size):
             raise _size_error(name, (image.height, image.width), size)
         try:
             image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            return np.asarray(_to_grey_or_rgb(image, name))
+        except DecodeError:
+            raise
+        except Exception as error:
             raise _decode_error(name, data, error) from None
-        return np.asarray(_to_grey_or_rgb(image, name))
+
+
+def read_npy(data: bytes, name: str = "upload") -> np.ndarray:
+    """An .npy file's array as a read-only view of `data`, allocating nothing: the header's shape and
+    dtype must describe exactly the bytes that follow it, so a header that claims 10^12 values
+    from a 144-byte upload is refused before anything is reserved (np.load would try to)."""
+    hint = "save it with numpy.save (no pickled objects)"
+    stream = io.BytesIO(data)
+    try:  # numpy's own header reader, on at most NPY_HEADER_BYTES; its errors for a bad header vary by field
+        version = np.lib.format.read_magic(stream)
+        if version not in NPY_HEADER_READERS:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}, this server reads 1.0 and 2.0")
+        shape, fortran_order, dtype = NPY_HEADER_READERS[version](stream, max_header_size=NPY_HEADER_BYTES)
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DecodeError(f"{name} looks like an .npy file but its header cannot be read ({reason[:200]}); "
+                          f"{hint}") from None
+    if dtype.kind not in NPY_KINDS or dtype.fields is not None or dtype.shape != ():
+        raise DecodeError(f"{name} holds an array of dtype {str(dtype)[:80]}, not numbers: send uint8 pixels or float32 "
+                          f"normalised input; {hint}")
+    if len(shape) > NPY_MAX_DIMS:
+        raise DecodeError(f"{name} holds a {len(shape)}-D array; images are at most 4-D (N, H, W, C)")
+    claimed, body = math.prod(shape) * dtype.itemsize, len(data) - stream.tell()
+    if claimed != body:
+        raise DecodeError(f"{name}: its .npy header claims shape {_short(shape)} of {dtype} ({claimed:,} bytes) but "
+                          f"{body:,} bytes follow it; the file is truncated or its header was altered, {hint}")
+    array = np.frombuffer(data, dtype, count=math.prod(shape), offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _short(shape: tuple) -> str:
+    text = str(shape)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(shape)} axes)"
 
 
 def _decode_error(name: str, data: bytes, error: Exception) -> DecodeError:
@@ -89,9 +127,13 @@ def to_model_input(images, input_shape, normalisation: dict, max_batch: int | No
                                   f"or (N, {c}, {h}, {w}), got shape {array.shape}; send raw uint8 pixels "
                                   f"to have them normalised")
         check_batch_size(len(batch), max_batch)
+        # checked as float32, the form the network gets: a float64 of 1e300 is finite, its float32 is inf
+        with np.errstate(over="ignore"):
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
         if not np.isfinite(batch).all():
-            raise ImageShapeError("the float input holds NaN or infinite values; send finite normalised pixels")
-        return np.ascontiguousarray(batch, dtype=np.float32)
+            raise ImageShapeError("the float input holds NaN or infinite values as float32 (the network's input type, "
+                                  "finite up to ±3.4e38); send finite normalised pixels")
+        return batch
     raise ImageShapeError(f"images of dtype {array.dtype} are not accepted: send uint8 pixels (0-255) or "
                           f"float32 normalised network input")
 

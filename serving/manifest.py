@@ -1,9 +1,12 @@
 """An export's manifest.json as a typed record, and the checks that refuse an export that is
 incomplete or has been changed: the one owner of the export format, for the exporter and servers.
 
-A server must not answer with a model other than the one that was evaluated: every file listed
-in the manifest is checked against its size and sha256 before any of it is loaded, and the
-manifest's own facts (class names, shapes, thresholds) are checked against each other.
+A server must not answer with a model other than the one that was evaluated: an export holds plain
+files only (a symlink is refused, whatever it points at), each of them listed in the manifest (or
+the manifest itself, or its signature), every listed file is checked against its size and sha256
+before any of it is loaded, and the manifest's own facts (class names, shapes, thresholds) are
+checked against each other. What covers the manifest itself is serving.signing: a signature, or
+the digest the registry recorded.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,6 +23,7 @@ from serving.errors import ExportError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "model.sig"  # OpenSSF model-signing's signature of every file, the manifest included (serving.signing)
 REEXPORT = "re-create the export (`dvc repro export` or `python -m pipeline.export`)"
 
 # The graphs serving can run; the others (backbone, classes) are checked but not loaded.
@@ -63,6 +68,7 @@ def read_manifest(export_dir: str | Path) -> Manifest:
     if not export_dir.is_dir():
         raise ExportError(f"export directory {export_dir} does not exist: pass a directory such as "
                           f"exports/<run_name>, or {REEXPORT}")
+    present = plain_files(export_dir)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -72,8 +78,27 @@ def read_manifest(export_dir: str | Path) -> Manifest:
     except OSError as error:
         raise ExportError(f"{path} cannot be read ({error.strerror}); check its permissions") from None
     manifest = parse_manifest(raw, path)
+    unlisted = sorted(present - set(manifest.files) - {MANIFEST, SIGNATURE})
+    if unlisted:
+        raise ExportError(f"{export_dir / unlisted[0]} is not listed in {MANIFEST} ({len(unlisted)} unlisted file(s)): "
+                          f"an export holds only what its manifest accounts for; remove it, or {REEXPORT}")
     check_files(export_dir, manifest.files)
     return manifest
+
+
+def plain_files(export_dir: Path) -> set[str]:
+    """The export's files, relative POSIX paths, once none of its entries is a symlink (onnxruntime
+    and the hashes would follow one out of the export)."""
+    files = set()
+    for root, dirs, names in os.walk(export_dir):  # does not descend into a symlinked directory: it is refused
+        for name in sorted(dirs + names):
+            path = Path(root, name)
+            if path.is_symlink():
+                raise ExportError(f"{path} is a symlink (to {os.readlink(path)}): an export holds plain files only; "
+                                  f"remove it, or {REEXPORT}")
+            if name in names:
+                files.add(path.relative_to(export_dir).as_posix())
+    return files
 
 
 def parse_manifest(raw, path: Path) -> Manifest:

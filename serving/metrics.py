@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from http import HTTPMethod, HTTPStatus
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -18,6 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LABELS = "slc.metric_labels"  # ASGI scope key: the run and class a handler found the request to be about
+# The label values a client cannot invent: any other method or status is "other", any path no route matches
+# "unmatched", a run or class not served "" (label_request), so the number of series is bounded by the server.
+METHODS = frozenset(method.value for method in HTTPMethod)
+STATUSES = frozenset(str(status.value) for status in HTTPStatus)
+OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note_status)
         finally:
             route = scope.get("route")
-            labels = {"route": getattr(route, "path", "unmatched"), "method": scope["method"], "status": str(status),
+            method = scope["method"] if scope["method"] in METHODS else OTHER
+            labels = {"route": getattr(route, "path", "unmatched"), "method": method,
+                      "status": str(status) if str(status) in STATUSES else OTHER,
                       **scope.get(LABELS, {"run": "", "class_id": ""})}
             self.metrics.observe(REQUESTS, time.perf_counter() - start, labels)

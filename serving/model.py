@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.errors import ExportError, InputError, ThresholdError, UnknownClassError
+from serving.errors import ExportError, InputError, NonFiniteLogitError, ThresholdError, UnknownClassError
 from serving.images import to_model_input
 from serving.manifest import REEXPORT, Manifest, read_manifest, recall_keys
+from serving.signing import verify_signature
 
 DEFAULT_RECALL = 0.99
 CPU = "CPUExecutionProvider"
@@ -88,11 +89,13 @@ class SingleLogitModel:
 
     @classmethod
     def load(cls, export_dir: str | Path, *, graph: str = "single_logit", providers: str | list[str] = "auto",
-             max_batch: int | None = None, threads: int | None = None) -> SingleLogitModel:
-        """Check the export (hashes, schema), open `graph` ("single_logit" or "full") and check its shapes.
+             max_batch: int | None = None, threads: int | None = None,
+             public_key: str | Path | None = None) -> SingleLogitModel:
+        """Check the export (signature, hashes, schema), open `graph` ("single_logit" or "full") and check its shapes.
 
         `max_batch` caps the images per call (None: no cap); `threads` is onnxruntime's intra-op
-        thread count (None: its default).
+        thread count (None: its default); with a `public_key`, the export must carry a signature it
+        verifies (serving.signing), or it is refused.
         """
         if graph not in GRAPHS:
             raise ValueError(f"unknown graph {graph!r}; choose one of {', '.join(GRAPHS)}")
@@ -100,6 +103,8 @@ class SingleLogitModel:
             if value is not None and value < 1:
                 raise ValueError(f"{name} = {value} is invalid: expected a positive count or None")
         export_dir = Path(export_dir)
+        if public_key is not None:
+            verify_signature(export_dir, Path(public_key))
         manifest = read_manifest(export_dir)
         path = export_dir / manifest.models[graph]
         session = _open_session(path, choose_providers(providers), manifest.opset, threads)
@@ -161,10 +166,16 @@ class SingleLogitModel:
         thresholds_of = np.full(self.num_classes, np.nan) if recall is None else self.thresholds(recall)
         batch = self.prepare(images)
         ids = self.class_ids(class_id, len(batch))
-        logits = self._graph.run(self.session, batch, ids)
+        logits = check_finite(self.logits(batch, ids), ids)
         thresholds = thresholds_of[ids]
         with np.errstate(invalid="ignore"):
             return Decisions(ids, logits, thresholds, logits >= thresholds, recall)
+
+    def logits(self, batch: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """One onnxruntime call on input `prepare` made and ids `class_ids` checked, as it comes: a
+        non-finite logit is the caller's to refuse (`check_finite`), request by request when several
+        requests share the call (serving.batching), so one client's overflow fails no other's."""
+        return self._graph.run(self.session, batch, ids)
 
     def thresholds(self, recall: float = DEFAULT_RECALL) -> np.ndarray:
         """Per-class thresholds (k,) for a recall target, NaN for classes that could not be calibrated
@@ -205,6 +216,19 @@ class SingleLogitModel:
     def _some_names(self) -> str:
         names = [f"{i}: {name}" for i, name in enumerate(self.class_names[:5])]
         return ", ".join(names) + (", ..." if self.num_classes > 5 else "")
+
+
+def check_finite(logits: np.ndarray, class_ids) -> np.ndarray:
+    """The logits, once each is a number: an inf or NaN logit comes from input that overflows the
+    network (finite float32 of 3e38, say), and is refused rather than compared with a threshold."""
+    bad = np.flatnonzero(~np.isfinite(logits))
+    if bad.size:
+        i, ids = int(bad[0]), np.broadcast_to(class_ids, logits.shape)
+        raise NonFiniteLogitError(f"image {i} gives the logit {logits[i]} for class {int(ids[i])}"
+                                  f" ({bad.size} of {logits.size} images non-finite): its values overflow the network; "
+                                  f"send raw uint8 pixels, or float input normalised as GET /v1/model says (values of a "
+                                  f"few units)")
+    return logits
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

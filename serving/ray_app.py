@@ -3,7 +3,7 @@
     serve run serving.ray_app:build export_dir=exports/batch_ce-s0 replicas=2 max_batch=256
     serve run serving.ray_app:build export_dir=exports default_run=bce-s2 batch_wait_ms=5 token_file=/etc/slc/token
 
-(also graph, cpus_per_replica, request_threads, onnx_threads: see `BuildArgs`).
+(also graph, cpus_per_replica, request_threads, onnx_threads, public_key: see `BuildArgs`).
 
 Each replica loads (and checks) the exports itself and serves `serving.http.create_app`, so the
 routes, errors and answers are those of `slc serve`; Ray's proxy spreads requests over the
@@ -35,6 +35,7 @@ from serving.http import create_app
 from serving.metrics import SERIES, Series
 from serving.model import SingleLogitModel
 from serving.runs import Runs
+from serving.signing import PUBLIC_KEY_ENV, configured_key
 
 
 class BuildArgs(BaseModel):
@@ -51,6 +52,7 @@ class BuildArgs(BaseModel):
     onnx_threads: PositiveInt | None = None
     batch_wait_ms: PositiveFloat | None = None  # None: no batching
     token_file: str | None = None
+    public_key: str | None = None  # exports must carry a signature it verifies (SLC_PUBLIC_KEY wins)
 
 
 class RayServeMetrics:
@@ -72,7 +74,7 @@ class SingleLogitDeployment:
     def __init__(self, args: BuildArgs, token: str | None):
         self.args, self.token = args, token
         self.runs = Runs.load([args.export_dir], args.default_run, graph=args.graph, max_batch=args.max_batch,
-                              threads=args.onnx_threads)
+                              threads=args.onnx_threads, public_key=args.public_key)
         self.metrics = RayServeMetrics()
         if args.batch_wait_ms is not None:
             self.score_batch.set_batch_wait_timeout_s(args.batch_wait_ms / 1e3)
@@ -101,8 +103,10 @@ class SingleLogitDeployment:
 def build(args: BuildArgs) -> Application:
     """The Ray Serve application builder: check the exports and the token here, so that a bad path or
     token file fails before any replica starts."""
-    args = args.model_copy(update={"export_dir": str(Path(args.export_dir).resolve())})
-    Runs.load([args.export_dir], args.default_run, graph=args.graph)
+    key = configured_key(args.public_key, PUBLIC_KEY_ENV)
+    args = args.model_copy(update={"export_dir": str(Path(args.export_dir).resolve()),
+                                   "public_key": None if key is None else str(key.resolve())})
+    Runs.load([args.export_dir], args.default_run, graph=args.graph, public_key=args.public_key)
     token = read_token(args.token_file)
     deployment = SingleLogitDeployment.options(num_replicas=args.replicas,
                                                ray_actor_options={"num_cpus": args.cpus_per_replica})

@@ -1,8 +1,9 @@
 """`models:/<name>@<alias>` and `models:/<name>/<version>`: an export from the MLflow Model Registry.
 
 The export stage registers the best run's export directory (manifest and ONNX files) as a model
-version (slc.registry), so a version's files are an export like exports/<run>/: downloaded, they
-load with the same checks, every file's sha256 included. The registry is the one any MLflow client
+version (slc.export.model_registry), so a version's files are an export like exports/<run>/: downloaded, they
+load with the same checks, every file's sha256 included, after their manifest is checked against
+the sha256 the version records (serving.signing), on every start, from the cache too. The registry is the one any MLflow client
 finds: MLFLOW_TRACKING_URI (or MLFLOW_REGISTRY_URI), else ./mlflow.db, the pipeline's store when
 run from the repository root. Only such a source needs MLflow, so it is imported late, and what
 cannot be resolved is refused before anything is served.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from serving.errors import ExportError, SetupError
 from serving.manifest import MANIFEST
+from serving.signing import DIGEST_TAG, check_manifest_digest
 
 PREFIX = "models:/"
 SOURCE = re.compile(rf"{PREFIX}(?P<name>[^/@:']+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))")
@@ -58,6 +60,8 @@ def download(source: str, cache: Path | None = None) -> Path:
             os.replace(files, target)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+    # the cache is reused once a manifest is there: the registry's digest says whether it is still the one registered
+    check_manifest_digest(target, version.tags.get(DIGEST_TAG), f"{source} (version {version.version})")
     return target
 
 

@@ -162,6 +162,7 @@ class ExportConfig:
     verify_classes: int
     registered_model: str | None
     registered_alias: str
+    signing_key: str | None  # an EC private key (PEM) to sign each export with (serving.signing); SLC_SIGNING_KEY wins
 
     def __post_init__(self):
         require(self.runs == "all" or isinstance(self.runs, list), "export.runs", self.runs,
@@ -215,6 +216,10 @@ class ServingConfig:
     onnx_threads: int | None
     batch_wait_ms: float | None
     token_file: str | None
+    public_key: str | None  # the EC public key (PEM) an export's signature must verify with; SLC_PUBLIC_KEY wins
+    max_header_bytes: int
+    max_headers: int
+    request_timeout_s: float
 
     def __post_init__(self):
         require(0 < self.port < 65536, "serving.port", self.port, "a TCP port, 1 to 65535")
@@ -225,6 +230,8 @@ class ServingConfig:
             require(value is None or value > 0, f"serving.{key}", value, "null (the default) or a positive count")
         require(self.batch_wait_ms is None or self.batch_wait_ms > 0, "serving.batch_wait_ms", self.batch_wait_ms,
                  "null (no batching) or a positive number of milliseconds")
+        for key in ("max_header_bytes", "max_headers", "request_timeout_s"):
+            require(getattr(self, key) > 0, f"serving.{key}", getattr(self, key), "a positive number")
 
 
 @strict

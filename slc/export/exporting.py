@@ -31,7 +31,8 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.errors import ExportError
-from serving.manifest import FORMAT_VERSION, MANIFEST, Manifest, parse_manifest
+from serving.manifest import FORMAT_VERSION, MANIFEST, SIGNATURE, Manifest, parse_manifest
+from serving.signing import SIGNING_KEY_ENV, configured_key, sign_export
 from slc.core import peak_memory, tracking
 from slc.core.config import ExportConfig
 from slc.core.files import sha256, write_json
@@ -103,9 +104,10 @@ def _check_thresholds(thresholds: dict[str, list[float]] | None, k: int, run: st
 
 def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[str, list[float]] | None,
                  images: torch.Tensor, *, opset: int = 18, classes: str | int | list[int] = "all",
-                 atol: float = 1e-4, verify_classes: int = 64) -> Manifest:
+                 atol: float = 1e-4, verify_classes: int = 64, signing_key: Path | None = None) -> Manifest:
     """Write and verify exports/<run_name>/ atomically (a temp folder renamed into place, so a
-    failed export leaves the previous one, or nothing); returns the manifest."""
+    failed export leaves the previous one, or nothing), signed with `signing_key` when one is given
+    (model.sig: serving.signing); returns the manifest."""
     missing = [key for key in INFO_KEYS if key not in info]
     if missing:
         raise ExportError(f"export_model: info lacks {', '.join(missing)}; it needs {', '.join(INFO_KEYS)}")
@@ -131,6 +133,8 @@ def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[s
         # serving's own rules, on the JSON as a server will read it: an export it would refuse never lands
         manifest = parse_manifest(json.loads(json.dumps(draft, allow_nan=False)), tmp / MANIFEST)
         (tmp / MANIFEST).write_text(manifest.to_json())
+        if signing_key is not None:
+            sign_export(tmp, signing_key)
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,7 +185,8 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
         info = {"pixel_scale": data.meta["pixel_scale"], **info}
         manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images,
                                       opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol,
-                                      verify_classes=cfg.verify_classes)
+                                      verify_classes=cfg.verify_classes,
+                                      signing_key=configured_key(cfg.signing_key, SIGNING_KEY_ENV))
         costs[run] = export_cost(manifests[run], Path(out_dir) / run, time.perf_counter() - start, cfg.verify_classes)
         del model  # before the next run loads: two 400,000-class models need not be in memory at once
     if metrics is not None:
@@ -192,9 +197,10 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
 
 def export_cost(manifest: Manifest, export_dir: Path, wall_s: float, verify_classes: int) -> dict:
     """One run's export in figures: wall time (loading the model to the manifest), bytes on disk
-    with the manifest, files, peak RSS since `peak_memory.reset_peak_rss`, classes checked."""
+    with the manifest (and signature), files, peak RSS since `peak_memory.reset_peak_rss`, classes checked."""
+    unlisted = [export_dir / name for name in (MANIFEST, SIGNATURE) if (export_dir / name).is_file()]
     return {"wall_s": wall_s, "bytes": sum(f["bytes"] for f in manifest.files.values())
-            + (export_dir / MANIFEST).stat().st_size, "files": len(manifest.files) + 1,
+            + sum(path.stat().st_size for path in unlisted), "files": len(manifest.files) + len(unlisted),
             "num_classes": manifest.num_classes, "class_files": len(manifest.models["classes"]),
             "single_logit_classes_verified": min(manifest.num_classes, verify_classes),
             "peak_rss_gb": peak_memory.peak_rss_gb()}

@@ -15,6 +15,7 @@ import logging
 import warnings
 from pathlib import Path
 
+from serving.signing import DIGEST_TAG, manifest_digest
 from slc.core import tracking
 from slc.core.config import ExportConfig
 from slc.core.errors import PipelineError
@@ -64,8 +65,9 @@ def register_best(uri: str, experiment: str, cfg: ExportConfig, metrics_path: Pa
                 raise
         # the files' location, not models:/<model id>: MLflow's registry would look that up in the
         # process's global tracking store, not in the one at `uri`
+        # the manifest's sha256 on the version: `slc serve models:/...` refuses files whose manifest differs
         version = client.create_model_version(name, model.artifact_location, run_id=run_id,
-                                              tags={"run_name": run},
+                                              tags={"run_name": run, DIGEST_TAG: manifest_digest(Path(exports) / run)},
                                               description=f"the export of {run}: the lowest test 1-AUPRC of the "
                                                           f"exported runs in {metrics_path}")
         client.set_registered_model_alias(name, alias, version.version)

@@ -13,8 +13,9 @@ from onnx import numpy_helper
 
 from pipeline import export as stage
 from serving.errors import ExportError
-from serving.manifest import read_manifest
+from serving.manifest import SIGNATURE, read_manifest
 from serving.registry import download
+from serving.signing import SIGNING_KEY_ENV
 from slc.core.config import ModelConfig
 from slc.core.errors import ConfigError
 from slc.core.sampling import seeded_sample
@@ -270,13 +271,18 @@ def stage_config(params, **changes):
     return dataclasses.replace(params.export, **{"classes": [0], "verify_images": 4, **changes})
 
 
-def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(trained, tmp_path, monkeypatch, params):
+def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(trained, tmp_path, monkeypatch, params,
+                                                                          request):
     import mlflow
     from mlflow import MlflowClient
 
     write_params(dataclasses.replace(params, export=stage_config(params, classes=[9])), tmp_path / "params.yaml")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # runs:/ below resolves in MLflow's process-wide store, which an earlier test may have set
+    previous = mlflow.get_tracking_uri()
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("slc-test", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment, run_name="bce-s1").info.run_id
@@ -321,6 +327,29 @@ def test_the_stage_exports_every_run_and_logs_it_to_the_trials_mlflow_run(traine
     version = client.get_model_version_by_alias(name, alias)
     assert version.tags["run_name"] == "bce-s1" and version.run_id == run_id
     assert read_manifest(download(f"models:/{name}@{alias}", tmp_path / "champion")) == manifest
+
+
+def test_the_stage_signs_each_export_with_the_key_of_the_environment_or_params(trained, tmp_path, params,
+                                                                              monkeypatch):
+    from serving.model import SingleLogitModel
+    from tests.serving.conftest import write_key_pair
+
+    env_key, env_public = write_key_pair(tmp_path, "env")
+    params_key, params_public = write_key_pair(tmp_path, "params")
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(env_key))
+    config = stage_config(params, runs=["bce-s0"], signing_key=str(params_key))
+    export_runs(config, trained / "models", trained / "thresholds.json", trained / "prepared", tmp_path / "env",
+                tmp_path / "export.json")
+    assert SingleLogitModel.load(tmp_path / "env" / "bce-s0", public_key=env_public).run_name == "bce-s0"
+    cost = json.loads((tmp_path / "export.json").read_text())["runs"]["bce-s0"]
+    on_disk = list((tmp_path / "env" / "bce-s0").iterdir())
+    assert cost["files"] == len(on_disk) and cost["bytes"] == sum(p.stat().st_size for p in on_disk)
+    monkeypatch.delenv(SIGNING_KEY_ENV)
+    export_runs(config, trained / "models", trained / "thresholds.json", trained / "prepared", tmp_path / "params")
+    assert SingleLogitModel.load(tmp_path / "params" / "bce-s0", public_key=params_public).run_name == "bce-s0"
+    export_runs(stage_config(params, runs=["bce-s0"]), trained / "models", trained / "thresholds.json",
+                trained / "prepared", tmp_path / "unsigned")
+    assert not (tmp_path / "unsigned" / "bce-s0" / SIGNATURE).exists()  # no key, no signature: as before
 
 
 def test_unknown_runs_are_refused_listing_the_available_ones(trained, tmp_path, params):

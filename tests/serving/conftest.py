@@ -87,3 +87,53 @@ def png(pixels: np.ndarray) -> bytes:
 def upload(*parts: bytes) -> list:
     """Multipart `files` fields, one a part, as the score routes take them."""
     return [("files", (f"part{i}", data)) for i, data in enumerate(parts)]
+
+
+def write_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """An elliptic-curve (P-256) key pair as PEM files: <name>.pem (private) and <name>.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> tuple[Path, Path]:
+    return write_key_pair(tmp_path_factory.mktemp("keys"), "exports")
+
+
+@pytest.fixture(scope="session")
+def signed_exports(tmp_path_factory, trained, keys) -> Path:
+    """ce-s0 exported as export_dir is, signed with `keys`: a directory holding that one run."""
+    info = {"run_name": "ce-s0", "loss": "ce", "dataset": "synthetic", "class_names": CLASSES,
+            "input_shape": list(SHAPE), "normalisation": NORMALISATION, "pixel_scale": 255.0}
+    out = tmp_path_factory.mktemp("signed")
+    export_model(trained, out / "ce-s0", info, THRESHOLDS, torch.randn(4, *SHAPE), classes=[0], signing_key=keys[0])
+    return out
+
+
+@pytest.fixture
+def signed_copy(signed_exports, tmp_path) -> Path:
+    """A private copy of the signed export, for tests that change it."""
+    return Path(shutil.copytree(signed_exports / "ce-s0", tmp_path / "ce-s0"))
+
+
+def overflowing_input(trained) -> np.ndarray:
+    """One finite float32 (1, C, H, W) input whose first hidden unit overflows to inf: 3e38 times the
+    sign of each of its weights (then its logits are inf or NaN)."""
+    weights = trained.backbone[1].weight[0].detach().numpy()
+    return (np.sign(weights) * np.float32(3e38)).astype(np.float32).reshape(1, *SHAPE)
+
+
+def npy_claiming(shape: tuple, descr: str = "|u1", body: bytes = b"\0" * 16) -> bytes:
+    """An .npy file whose header claims `shape` of `descr`, followed by `body` whatever it claims; by
+    default issue #23's: 144 bytes claiming 10^6 x 10^6 uint8 when given (10**6, 10**6)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + body

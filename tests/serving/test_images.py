@@ -1,5 +1,6 @@
 """Preprocessing: every accepted image form gives the network input prepare would give; the rest is refused."""
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from PIL import Image
 
 from serving.errors import BatchSizeError, BatchTooLargeError, DecodeError, ImageShapeError
 from serving.images import decode, to_model_input
+from tests.serving.conftest import npy_claiming
 
 GREY = (1, 4, 5)
 RGB = (3, 4, 5)
@@ -151,3 +153,42 @@ def test_a_pickled_npy_is_refused_without_unpickling():
     np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DecodeError, match="no pickled objects"):
         decode(buffer.getvalue())
+
+
+def test_an_npy_header_claiming_a_huge_shape_is_refused_before_anything_is_allocated():
+    """144 bytes whose header claims 10^6 x 10^6 uint8: np.load reserves 1 TB (MemoryError, a 500)."""
+    data = npy_claiming((10**6, 10**6))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match=r"header claims shape \(1000000, 1000000\) of uint8 "
+                                              r"\(1,000,000,000,000 bytes\) but 16 bytes follow it"):
+            decode(data, "huge.npy")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) < 200 and peak < 1 << 20
+
+
+@pytest.mark.parametrize("shape, descr, body, message", [
+    ((2, 1, 4, 5), "<f4", b"\0" * 8, r"claims shape \(2, 1, 4, 5\) of float32"),
+    ((1, 4, 5), "|u1", b"\0" * 21, r"\(20 bytes\) but 21 bytes follow"),
+    ((1,), [("a", "<f4")], b"\0" * 4, r"dtype .*a.*, not numbers"),
+    ((1,), "<c8", b"\0" * 8, r"dtype complex64, not numbers"),
+    ((1,) * 5, "|u1", b"\0", r"5-D array; images are at most 4-D"),
+])
+def test_an_npy_whose_header_does_not_describe_its_bytes_is_refused(shape, descr, body, message):
+    with pytest.raises(DecodeError, match=message):
+        decode(npy_claiming(shape, descr, body), "odd.npy")
+
+
+def test_a_fortran_ordered_npy_decodes_to_its_array():
+    batch = np.asfortranarray(raw((3, 4, 5)))
+    buffer = io.BytesIO()
+    np.save(buffer, batch)
+    np.testing.assert_array_equal(decode(buffer.getvalue()), batch)
+
+
+def test_a_float64_finite_only_before_the_cast_to_float32_is_refused():
+    """1e300 is a finite float64 and inf as float32, the type the network takes."""
+    with pytest.raises(ImageShapeError, match="NaN or infinite values as float32"):
+        to_model_input(np.full((1, *GREY), 1e300), GREY, NORM_GREY)

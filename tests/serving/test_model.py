@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from serving import model as model_module
-from serving.errors import ExportError, InputError, ThresholdError, UnknownClassError
+from serving.errors import ExportError, InputError, NonFiniteLogitError, ThresholdError, UnknownClassError
 from serving.model import SingleLogitModel, choose_providers
-from tests.serving.conftest import CLASSES, THRESHOLDS, edit_manifest, reference_logits
+from tests.serving.conftest import CLASSES, THRESHOLDS, edit_manifest, overflowing_input, reference_logits
 
 GRAPH_NAMES = ["single_logit", "full"]
 
@@ -122,6 +122,34 @@ def test_a_damaged_export_is_refused(export_copy, damage, message):
     damage(export_copy)
     with pytest.raises(ExportError, match=message):
         SingleLogitModel.load(export_copy)
+
+
+def move_out_and_link(export, name: str) -> None:
+    """The file moved out of the export, a symlink to it in its place: same bytes, same sha256."""
+    outside = export.parent / f"outside-{name}"
+    os.replace(export / name, outside)
+    (export / name).symlink_to(outside)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "passwd").symlink_to("/etc/passwd"), r"passwd is a symlink \(to /etc/passwd\): an export holds plain files"),
+    (lambda d: move_out_and_link(d, "head.weights"), r"head.weights is a symlink \(to .*outside-head.weights\)"),
+    (lambda d: move_out_and_link(d, "manifest.json"), r"manifest.json is a symlink"),
+    (lambda d: (d / "sub").symlink_to(d.parent, target_is_directory=True), r"sub is a symlink"),
+    (lambda d: (d / "notes.txt").write_text("hello"), r"notes.txt is not listed in manifest.json \(1 unlisted file"),
+    (lambda d: (d / "sub").mkdir() or (d / "sub" / "x.onnx").write_bytes(b"x"), r"sub/x.onnx is not listed"),
+])
+def test_a_symlink_or_an_unlisted_file_in_an_export_is_refused(export_copy, damage, message):
+    damage(export_copy)
+    with pytest.raises(ExportError, match=message):
+        SingleLogitModel.load(export_copy)
+
+
+def test_input_that_overflows_the_network_is_refused_not_decided_no(model, trained):
+    images = np.concatenate([np.zeros((1, 1, 8, 8), np.float32), overflowing_input(trained)])  # finite float32
+    assert np.isfinite(images).all()
+    with pytest.raises(NonFiniteLogitError, match=r"image 1 gives the logit (-?inf|nan) for class 2 \(1 of 2 images"):
+        model.classify(images, 2)
 
 
 def test_a_graph_swapped_for_another_listed_file_is_refused_by_its_signature(export_copy):

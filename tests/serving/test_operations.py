@@ -2,25 +2,18 @@
 process): the bearer token, the Prometheus metrics, and batching that shares onnxruntime calls
 between concurrent requests without mixing up their answers."""
 import asyncio
-import io
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.loadtest import Server
 from serving.model import SingleLogitModel
+from tests.serving.conftest import png
 
 TOKEN = "s3cret-token"
 WAIT_MS = 300  # long enough for requests sent together to join one batch on a busy machine
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def samples(text: str, name: str, **labels) -> float:

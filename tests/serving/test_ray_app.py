@@ -42,6 +42,12 @@ def test_a_tampered_export_fails_the_build_before_any_replica_starts(export_copy
         build(BuildArgs(export_dir=str(export_copy)))
 
 
+def test_an_export_the_public_key_does_not_verify_fails_the_build(export_dir, signed_exports, keys, tmp_path):
+    with pytest.raises(ExportError, match=r"is not signed \(no model.sig\) but a public key is given"):
+        build(BuildArgs(export_dir=str(export_dir), public_key=str(keys[1])))
+    build(BuildArgs(export_dir=str(signed_exports), public_key=str(keys[1])))  # its own key: builds
+
+
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)

@@ -11,17 +11,20 @@ import mlflow
 import numpy as np
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from mlflow import MlflowClient
 
+import serving.registry
 from serving import cli
 from serving.errors import ExportError, SetupError
 from serving.loadtest import Server, free_port
 from serving.model import SingleLogitModel
 from serving.registry import download
+from serving.signing import DIGEST_TAG, manifest_digest
 from slc.core.records import TrialRecord
 from slc.export.model_registry import register_best
 from tests.conftest import repo_params
-from tests.serving.conftest import png, upload
+from tests.serving.conftest import edit_manifest, png, upload
 
 EXPORT = dataclasses.replace(repo_params().export, registered_model="slc", registered_alias="champion")
 
@@ -155,3 +158,55 @@ def test_slc_serve_models_champion_answers_over_http_as_the_export(registry, exp
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(response.json()["logits"], exported.score(pixels[:1], 2), rtol=1e-6)
     assert runs["default"] == "ce-s0" and [run["run_name"] for run in runs["runs"]] == ["ce-s0"]
+
+
+def test_the_version_records_its_manifest_s_sha256(registry, export_dir):
+    version = MlflowClient(registry).get_model_version("slc", "1")
+    assert version.tags[DIGEST_TAG] == manifest_digest(export_dir)
+
+
+def test_a_threshold_edited_in_the_cache_is_refused_at_the_next_start(registry, capsys):
+    cached = download("models:/slc@champion")
+    edit_manifest(cached, lambda m: m["thresholds"]["0.99"].__setitem__(1, 9.0))
+    with pytest.raises(ExportError, match=r"manifest.json has sha256 .*, the registry records .* for models:/slc@champion "
+                                          r"\(version 1\): the copy was changed after download; delete .* to download"):
+        download("models:/slc@champion")
+    capsys.readouterr()
+    assert cli.main(["info", "models:/slc@champion"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("slc info: ") and err.count("\n") == 1, err  # from the cache: no download, one line
+
+
+def test_a_version_without_the_digest_is_refused(registry):
+    MlflowClient(registry).delete_model_version_tag("slc", "1", DIGEST_TAG)
+    try:
+        with pytest.raises(ExportError, match=r"has no manifest_sha256 tag, .* register it again"):
+            download("models:/slc/1")
+    finally:
+        MlflowClient(registry).set_model_version_tag("slc", "1", DIGEST_TAG, download_digest(registry))
+
+
+def download_digest(uri) -> str:
+    source = MlflowClient(uri).get_model_version("slc", "1").source
+    return manifest_digest(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
+
+
+def test_a_signed_export_goes_from_export_to_registry_to_slc_serve_and_a_changed_threshold_is_refused(
+        signed_exports, keys, tmp_path, monkeypatch, capsys, pixels):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    register(uri, signed_exports, tmp_path, {"ce-s0": 0.1})
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    assert cli.main(["serve", "models:/slc@champion", "--public-key", str(keys[1])]) == 0
+    response = TestClient(apps[0]).post("/v1/classes/2/score", files=upload(png(pixels[0])))
+    assert response.status_code == 200, response.text
+    expected = SingleLogitModel.load(signed_exports / "ce-s0").score(pixels[:1], 2)
+    np.testing.assert_allclose(response.json()["logits"], expected, rtol=1e-6)
+    cached = download("models:/slc@champion")
+    edit_manifest(cached, lambda m: m["thresholds"]["0.99"].__setitem__(1, 9.0))
+    monkeypatch.setattr(serving.registry, "check_manifest_digest", lambda *args: None)  # the signature alone refuses it
+    capsys.readouterr()
+    assert cli.main(["serve", "models:/slc@champion", "--public-key", str(keys[1])]) == 3 and len(apps) == 1
+    assert "changed manifest.json" in capsys.readouterr().err

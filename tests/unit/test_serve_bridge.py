@@ -73,14 +73,15 @@ def test_make_serve_serves_every_export_with_the_best_as_default(bridged, tmp_pa
 
 def test_make_serve_hands_every_serving_setting_to_slc_serve(bridged):
     cfg, args = bridged(host="0.0.0.0", port=8123, max_batch=64, request_threads=3, onnx_threads=2, batch_wait_ms=4,
-                        token_file="/etc/slc/token")
+                        token_file="/etc/slc/token", public_key="/etc/slc/exports.pub", max_header_bytes=8192,
+                        max_headers=50, request_timeout_s=30)
     settings = {f.name for f in dataclasses.fields(cfg)} - NOT_SLC_SERVE_OPTIONS
     assert {key: getattr(args, key) for key in settings} == {key: getattr(cfg, key) for key in settings}
     assert (args.port, args.batch_wait_ms, args.token_file) == (8123, 4.0, "/etc/slc/token")  # not cli's defaults
 
 
 def test_a_null_serving_setting_is_left_to_slc_serves_own_default(bridged, tmp_path):
-    _, args = bridged(request_threads=None, onnx_threads=None, batch_wait_ms=None, token_file=None)
+    _, args = bridged(request_threads=None, onnx_threads=None, batch_wait_ms=None, token_file=None, public_key=None)
     defaults = cli.parser().parse_args(["serve", str(tmp_path / "exports")])
-    for key in ("request_threads", "onnx_threads", "batch_wait_ms", "token_file"):
+    for key in ("request_threads", "onnx_threads", "batch_wait_ms", "token_file", "public_key"):
         assert getattr(args, key) == getattr(defaults, key), key
