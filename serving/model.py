@@ -7,7 +7,6 @@ with one class, one image with M classes, or N images with N classes, pair by pa
 """
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,10 @@ import onnxruntime as ort
 from serving.errors import ExportError, InputError, NonFiniteLogitError, ThresholdError, UnknownClassError
 from serving.images import to_model_input
 from serving.manifest import REEXPORT, Manifest, read_manifest, recall_keys
+from serving.sessions import choose_providers, open_session
 from serving.signing import verify_signature
 
 DEFAULT_RECALL = 0.99
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class SingleLogitModel:
             verify_signature(export_dir, Path(public_key))
         manifest = read_manifest(export_dir)
         path = export_dir / manifest.models[graph]
-        session = _open_session(path, choose_providers(providers), manifest.opset, threads)
+        session = open_session(path, choose_providers(providers), manifest.opset, threads)
         _check_signature(session, path, GRAPHS[graph](manifest.input["shape"], manifest.num_classes))
         return cls(export_dir, manifest, graph, session, max_batch)
 
@@ -241,61 +239,6 @@ def _as_recall(recall) -> float | None:
         return float(recall)
     except (TypeError, ValueError):
         return None
-
-
-def choose_providers(providers: str | list[str] = "auto") -> list[str]:
-    """onnxruntime providers: "auto" takes CUDA only when a CUDA device really answers, else the CPU;
-    a provider name or a list of them is taken as given once this onnxruntime build has each one.
-
-    onnxruntime-gpu lists CUDAExecutionProvider whether or not a GPU is present, and falls back to
-    the CPU with only a log line, so the driver is asked for its device count instead. The
-    pipeline's benchmark uses this same rule, reporting its ValueError as a benchmark.providers error.
-    """
-    available = ort.get_available_providers()
-    if providers == "auto":
-        return [CUDA, CPU] if CUDA in available and cuda_device_count() > 0 else [CPU]
-    if isinstance(providers, str):
-        providers = [providers]
-    if not providers:
-        raise ValueError(f"no onnxruntime provider named; available: {', '.join(available)} (or 'auto')")
-    missing = [p for p in providers if p not in available]
-    if missing:
-        raise ValueError(f"onnxruntime provider {missing[0]!r} is not available here; available: "
-                         f"{', '.join(available)} (or 'auto')")
-    return list(providers)
-
-
-def cuda_device_count() -> int:
-    """CUDA devices the driver reports (0 without a driver or a device), without torch."""
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """`threads` intra-op threads (None: onnxruntime's default, one per core), never spinning.
-
-    A server shares its cores between concurrent requests and HTTP work: idle onnxruntime threads
-    that spin-wait for the next operator burn exactly the CPU those need.
-    """
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
-def _open_session(path: Path, providers: list[str], opset: int, threads: int | None) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
-    except Exception as error:  # onnxruntime raises its own untyped errors (Fail, InvalidGraph, ...)
-        raise ExportError(f"onnxruntime {ort.__version__} cannot load {path} (opset {opset}): "
-                          f"{str(error).splitlines()[0]}; upgrade onnxruntime or {REEXPORT}") from None
 
 
 def _check_signature(session: ort.InferenceSession, path: Path, graph: Graph) -> None:

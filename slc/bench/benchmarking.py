@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from serving.machine import machine_info
 from serving.manifest import MANIFEST, read_manifest
-from serving.model import choose_providers
+from serving.sessions import choose_providers
 from slc.bench import timing
 from slc.bench.results import Architecture, AtK, SpeedupResults, Timing
 from slc.core import peak_memory

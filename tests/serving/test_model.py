@@ -7,9 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from serving import model as model_module
+from serving import sessions
 from serving.errors import ExportError, InputError, NonFiniteLogitError, ThresholdError, UnknownClassError
-from serving.model import SingleLogitModel, choose_providers
+from serving.model import SingleLogitModel
+from serving.sessions import choose_providers
 from tests.serving.conftest import CLASSES, THRESHOLDS, edit_manifest, overflowing_input, reference_logits
 
 GRAPH_NAMES = ["single_logit", "full"]
@@ -164,11 +165,11 @@ def test_a_missing_export_directory_is_refused(tmp_path):
 
 
 def test_auto_providers_take_cuda_only_when_a_device_answers(monkeypatch):
-    monkeypatch.setattr(model_module.ort, "get_available_providers",
+    monkeypatch.setattr(sessions.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(model_module, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(sessions, "cuda_device_count", lambda: 0)
     assert choose_providers("auto") == ["CPUExecutionProvider"]
-    monkeypatch.setattr(model_module, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(sessions, "cuda_device_count", lambda: 1)
     assert choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from serving import model as serving_model
+from serving import sessions
 from slc.bench import benchmarking as benchmark
 from slc.bench import report as speedup_report
 from slc.bench import timing
@@ -158,11 +158,11 @@ def test_a_faster_bandwidth_lowers_the_floor_so_the_floor_at_the_best_read_is_th
 
 
 def test_benchmark_chooses_providers_by_servings_rule(monkeypatch):
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [serving_model.CUDA, serving_model.CPU])
-    monkeypatch.setattr(serving_model, "cuda_device_count", lambda: 0)
-    assert benchmark.session_providers("auto") == [serving_model.CPU]
-    monkeypatch.setattr(serving_model, "cuda_device_count", lambda: 1)
-    assert benchmark.session_providers("auto") == [serving_model.CUDA, serving_model.CPU]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [sessions.CUDA, sessions.CPU])
+    monkeypatch.setattr(sessions, "cuda_device_count", lambda: 0)
+    assert benchmark.session_providers("auto") == [sessions.CPU]
+    monkeypatch.setattr(sessions, "cuda_device_count", lambda: 1)
+    assert benchmark.session_providers("auto") == [sessions.CUDA, sessions.CPU]
 
 
 @pytest.mark.parametrize("setting", [["NoSuchExecutionProvider"], "cuda", []])
