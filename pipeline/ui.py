@@ -11,10 +11,9 @@ import argparse
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+from serving.probe import NotUp, wait_until_answers
 from slc.core import tracking
 from slc.core.errors import PipelineError, run_stage
 from slc.params import load_params
@@ -35,17 +34,11 @@ def start_server(uri: str, host: str, port: int) -> subprocess.Popen:
 
 
 def wait_until_up(server: str, process: subprocess.Popen | None) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise UiError(f"mlflow server stopped with status {process.returncode} (its output is above; "
-                          f"is the port taken? pass --port)")
-        try:
-            urllib.request.urlopen(f"{server}/health", timeout=2).close()
-            return
-        except OSError:
-            time.sleep(1)
-    raise UiError(f"the MLflow UI at {server} did not answer within {START_TIMEOUT_S} s")
+    try:
+        wait_until_answers(f"{server}/health", process, START_TIMEOUT_S, every_s=1.0)
+    except NotUp as error:
+        raise UiError(f"the MLflow UI did not come up: {error} (its output is above; is the port taken? pass "
+                      f"--port)") from None
 
 
 def screenshot(url: str, path: Path, window: str) -> None:

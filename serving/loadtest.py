@@ -39,6 +39,7 @@ from serving.cli import positive_ms
 from serving.machine import machine_info
 from serving.metrics import BATCH
 from serving.model import GRAPHS, SingleLogitModel
+from serving.probe import NotUp, wait_until_answers
 
 TITLE = "Serving load test"
 POOL = 32            # distinct images sent in turn
@@ -137,19 +138,11 @@ class Server:
         self.log.close()
 
     def wait_until_up(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the server exited with status {self.process.returncode}: "
-                                   f"{self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server at {self.url} did not answer /healthz within {timeout:.0f} s")
+        try:
+            wait_until_answers(f"{self.url}/healthz", self.process, timeout)
+        except NotUp as error:
+            self.log.seek(0)
+            raise RuntimeError(f"{error}: {self.log.read()[-2000:]}") from None
 
     def cpu_seconds(self) -> float:
         """Counted in clock ticks (10 ms): a level needs enough requests to span several."""
