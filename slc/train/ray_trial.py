@@ -46,7 +46,7 @@ def connect(cfg: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.address
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, logging_config=QUIET_WORKERS)
+            ray.init(address=address)  # Ray's own lines say which cluster, and are the cluster owner's to tune
         else:
             # "local": a new instance even when a stale `ray start` left its address behind
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), logging_level=logging.WARNING,
