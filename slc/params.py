@@ -18,7 +18,8 @@ from slc.core.strict import from_dict
 from slc.data.datasets import DATASETS
 from slc.data.prepared import AUGMENTATIONS
 from slc.nn.losses import LOSSES, NCE_NOISE
-from slc.nn.models import MODELS, TORCHVISION_MODELS, pretrained_weights
+from slc.nn.models import HEADS, MODELS, TORCHVISION_MODELS, pretrained_weights
+from slc.train.head_init import HEAD_INITS
 from slc.train.optim import LR_SCHEDULES, OPTIMIZERS
 
 PARAMS_FILE = Path("params.yaml")
@@ -33,10 +34,12 @@ def _models_hint() -> str:
 REGISTERED: dict[str, tuple[Callable[[Params], list[str]], Collection[str], Callable[[], str]]] = {
     "data.name": (lambda p: [p.data.name], DATASETS, lambda: ", ".join(DATASETS)),
     "model.name": (lambda p: [p.model.name], MODELS, _models_hint),
+    "model.head": (lambda p: [p.model.head], HEADS, lambda: ", ".join(HEADS)),
     "train.optimizer": (lambda p: [p.train.optimizer], OPTIMIZERS, lambda: ", ".join(OPTIMIZERS)),
     "train.lr_schedule": (lambda p: [p.train.lr_schedule], LR_SCHEDULES, lambda: ", ".join(LR_SCHEDULES)),
     "train.augment": (lambda p: [p.train.augment], AUGMENTATIONS, lambda: ", ".join(AUGMENTATIONS)),
     "train.nce_noise": (lambda p: [p.train.nce_noise], NCE_NOISE, lambda: ", ".join(NCE_NOISE)),
+    "train.head_init": (lambda p: [p.train.head_init], HEAD_INITS, lambda: ", ".join(HEAD_INITS)),
     "grid.losses": (lambda p: p.grid.losses, LOSSES, lambda: ", ".join(LOSSES)),
     "benchmark.architectures": (lambda p: p.benchmark.architectures, MODELS, _models_hint),
 }

@@ -62,6 +62,14 @@ class ModelConfig:
     hidden: int
     channels: int
     weights: str | None
+    head: str
+    scale: float | None
+
+    def __post_init__(self):
+        require(self.scale is None or self.scale > 0, "model.scale", self.scale,
+                 "null (sqrt(2) ln(k - 1), at least 1) or a positive number")
+        require(self.scale is None or self.head == "cosine", "model.scale", self.scale,
+                 "null: only model.head: cosine has a scale (its logits are scale x cosine + bias)")
 
 
 @strict
@@ -82,6 +90,8 @@ class TrainConfig:
     augment: str
     amp: bool
     loader_workers: int | None
+    head_init: str
+    head_lr: float | None
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "nce_noise_samples"):
@@ -94,6 +104,8 @@ class TrainConfig:
             require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive number")
         require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
                  f"0 or more epochs, fewer than train.epochs ({self.epochs})")
+        require(self.head_lr is None or self.head_lr > 0, "train.head_lr", self.head_lr,
+                 "null (train.lr) or a positive learning rate for the head's rows")
         require(self.loader_workers is None or self.loader_workers >= 0, "train.loader_workers",
                  self.loader_workers, "null (one per CPU of a Train worker, less one), 0 (load in the training "
                  "process) or a positive count")

@@ -32,6 +32,7 @@ class TrialRecord(BaseModel):
     fingerprint: str | None = None      # what decided the model: an unchanged one is kept on re-run
     wall_time_s: float | None = None
     samples_per_s: float | None = None  # training throughput over every DDP worker
+    head_init_s: float | None = None    # seconds train.head_init took before the first step
     epochs: int = 0
     train_loss: float | None = None
     val_accuracy: float | None = None

@@ -188,7 +188,7 @@ def evaluate(trials_path: Path, models_dir: Path, data_dir: Path, cfg: EvaluateC
         features = {name: predict_features(model, split, cfg.batch_size, scale_shift=shift, desc=f"{run} {name}")
                     for name, split in ((val_split, val), (test_split, test))}
         results[run] = evaluate_features(features[val_split], val.labels, features[test_split], test.labels,
-                                         Head.of(model.head), classes, cfg.recalls, cfg.hist_bins)
+                                         Head.of(model), classes, cfg.recalls, cfg.hist_bins)
         losses.setdefault(trial.loss, []).append(run)
     slc = summarise_runs(results, losses, cfg.recalls)
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from slc.evaluate.metrics import logit_histograms, pr_curve_mean, precision_recall_at, recall_key, slc_metrics
+from slc.nn.models import SLCNet
 
 LOGITS_PER_CHUNK = 1 << 25  # logits per chunk of classes: 128 MB of float32
 ROW_BATCH = 1024          # rows per matmul: the batch predict_logits runs the whole model on
@@ -30,8 +31,10 @@ class Head:
     bias: Tensor    # (k,)
 
     @classmethod
-    def of(cls, linear: nn.Linear) -> Head:
-        return cls(linear.weight.detach().cpu(), linear.bias.detach().cpu())
+    def of(cls, model: SLCNet) -> Head:
+        """The rows as the model's logits use them (a cosine head's scaled unit rows)."""
+        weight, bias = model.rows()
+        return cls(weight.detach().cpu(), bias.detach().cpu())
 
     @property
     def num_classes(self) -> int:

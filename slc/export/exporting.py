@@ -75,7 +75,7 @@ def write_models(model: nn.Module, out_dir: Path, input_shape, opset: int, class
     with WeightsFile(out_dir / "backbone.weights") as weights:
         externalize(backbone, weights)
     save_checked(backbone, out_dir / "backbone.onnx")
-    weight, bias = (t.detach().float().numpy() for t in (model.head.weight, model.head.bias))
+    weight, bias = (t.detach().float().numpy() for t in model.rows())
     write_single_logit(out_dir, weight, bias, backbone=backbone, opset=opset)
     classes = {}
     for c in tqdm(class_ids, desc="class models", leave=False, disable=None):

@@ -5,7 +5,7 @@ replacement from all k classes, one set shared by every example of the batch. A 
 set with a known probability (1 for the batch's true classes, n/k for any other), which is what
 the losses' corrections divide by (see `slc.nn.losses`); with n = k every class is in it and every
 loss is exactly its full form. Only the candidate rows of the head are read, and their gradient
-is a sparse tensor, so an optimizer for sparse gradients (`torch.optim.SparseAdam`) updates those
+is a sparse tensor, so a row optimizer (`slc.train.optim.SPARSE_OPTIMIZERS`) updates those
 rows alone: a step costs the same at k = 1,000 and k = 1,000,000.
 """
 from __future__ import annotations
@@ -51,7 +51,9 @@ def draw_candidates(targets: Tensor, num_classes: int, n: int, generator: torch.
 
 
 class SparseRows(torch.autograd.Function):
-    """table[rows] whose gradient is a sparse tensor holding only those rows (for SparseAdam)."""
+    """table[rows] whose gradient is a sparse tensor holding only those rows, for the row optimizers
+    of `slc.train.optim`. `rows` must be distinct (as `Candidates.classes` are): those optimizers read
+    the gradient's rows as they are, without coalescing (sorting and merging) them."""
 
     @staticmethod
     def forward(ctx, table: Tensor, rows: Tensor) -> Tensor:

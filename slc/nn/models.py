@@ -9,6 +9,7 @@ pretrained weights, which `slc.nn.pretrained.load_pretrained` then loads.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -28,22 +29,46 @@ InputShape = tuple[int, int, int]
 
 
 class SLCNet(nn.Module):
-    """backbone -> (N, d) features -> head (N, k): the split single-logit export relies on."""
+    """backbone -> (N, d) features -> head rows (k, d) and biases: the split single-logit export relies on.
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    `features` are what the rows multiply and `rows` the (k, d) weights and (k,) biases that do it, so
+    that scoring and export compute `features @ rows.T + bias` whatever the head is. A cosine head
+    (`scale` set) normalises both: `features` are unit vectors and `rows` the unit rows times `scale`, so
+    a logit is scale x cos(feature, row) + bias (CosFace's head, Wang et al. 2018, without the margin).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, scale: float | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.scale = scale
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        features = self.backbone(x)
+        return features if self.scale is None else F.normalize(features, dim=1)
+
+    def rows(self, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's (k, d) rows and (k,) biases as the logits use them, or only those of `classes`
+        (sorted, distinct: sampled training), whose gradient is then sparse."""
+        weight, bias = self.head.weight, self.head.bias
+        if classes is not None:
+            weight, bias = SparseRows.apply(weight, classes), SparseRows.apply(bias, classes)
+        return (weight if self.scale is None else self.scale * F.normalize(weight, dim=1)), bias
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """All k logits, or only those of `classes` (sampled training), whose head gradient is sparse."""
-        if classes is None:
-            return self.head(self.features(x))
-        rows = SparseRows.apply(self.head.weight, classes)
-        return self.features(x) @ rows.T + SparseRows.apply(self.head.bias, classes)
+        """All k logits, or only those of `classes`."""
+        return F.linear(self.features(x), *self.rows(classes))
+
+
+HEADS = ("linear", "cosine")
+
+
+def cosine_scale(cfg: ModelConfig, num_classes: int) -> float:
+    """model.scale, or AdaCos' fixed scale sqrt(2) ln(k - 1) (Zhang et al. 2019), at least 1: large
+    enough that a softmax over k classes can put most of its mass on one."""
+    if cfg.scale is not None:
+        return cfg.scale
+    return max(1.0, math.sqrt(2) * math.log(max(num_classes - 1, 1)))
 
 
 class FitInput(nn.Module):
@@ -206,8 +231,13 @@ MODELS: dict[str, Callable[[ModelConfig, InputShape, int], SLCNet]] = {
 
 
 def build_model(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
-    """MODELS[cfg.name] (a name slc.params has checked) for this input shape and k."""
-    return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    """MODELS[cfg.name] (a name slc.params has checked) for this input shape and k, with its head:
+    a cosine head keeps the layer's random rows (only their directions count) and starts its biases at 0."""
+    net = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    if cfg.head == "cosine":
+        net.scale = cosine_scale(cfg, num_classes)
+        nn.init.zeros_(net.head.bias)
+    return net
 
 
 def predict_logits(model: nn.Module, dataset, batch_size: int = 1024, device: torch.device | str = "cpu",

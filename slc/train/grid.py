@@ -75,6 +75,8 @@ class _Recorder(tune.Callback):
                 log.exception("%s: saving the model failed", spec["run_name"])
                 record = record.model_copy(update={"status": "failed",
                                                    "error": f"saving the model failed: {one_line(error)}"})
+        if record.head_init_s:
+            tracking.log_metrics(self.uri, spec["mlflow_run_id"], {"head_init_s": record.head_init_s}, step=0)
         tracking.end_run(self.uri, spec["mlflow_run_id"], "FINISHED" if record.finished else "FAILED")
         self.records[spec["run_name"]] = record
         write_trials(self.results, [self.records[n] for n in self.order if n in self.records])

@@ -125,7 +125,8 @@ def _train_worker(config: dict) -> dict | None:
     last = result.history[-1] if result.history else None
     return {"status": result.status, "error": result.error, "epochs": result.epochs_completed,
             **{key: getattr(last, key) if last else None for key in EPOCH_METRICS},
-            "samples_per_s": _finite(sum(speeds)), "resumed_from_epoch": result.epochs_completed - len(trained),
+            "samples_per_s": _finite(sum(speeds)), "head_init_s": result.head_init_s,
+            "resumed_from_epoch": result.epochs_completed - len(trained),
             "world_size": len(shards), "shard_sizes": [len(s) for s in shards],
             "distinct_samples": len(set().union(*map(set, shards)))}
 

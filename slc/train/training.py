@@ -30,10 +30,11 @@ from slc.core.sampling import class_sample
 from slc.data.prepared import PreparedData, PreparedSplit, check_augmentation
 from slc.evaluate.scoring import Head, score_classes
 from slc.nn.candidates import draw_candidates
-from slc.nn.losses import make_loss
-from slc.nn.models import build_model, predict_features
+from slc.nn.losses import make_loss, train_keys_of
+from slc.nn.models import build_model, cosine_scale, predict_features
 from slc.nn.pretrained import load_pretrained
 from slc.train import checkpoints
+from slc.train.head_init import class_mean_rows
 from slc.train.optim import make_optimizers, make_schedulers, optimize
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class TrainResult:
     wall_s: float
     samples_per_s: float
     model: nn.Module = field(repr=False)
+    head_init_s: float = 0.0  # seconds train.head_init took before the first step (0: the layer's own start)
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -105,6 +107,13 @@ def check_trainable(config: RunConfig, data: PreparedData) -> None:
         if cfg.weight_decay > 0:
             raise ConfigError("sampled training updates head rows lazily with a sparse optimizer, which has no "
                               "weight decay: set train.weight_decay: 0, or train.candidates: null")
+    if config.model.head == "cosine" and "margin" in train_keys_of(config.loss):
+        scale = cosine_scale(config.model, k)
+        if cfg.margin >= 2 * scale:
+            raise ConfigError(f"{config.loss} on model.head: cosine: an example's logits lie within 2 x scale = "
+                              f"{2 * scale:.3g} of each other (beside the biases), so train.margin = {cfg.margin:g} "
+                              f"could be met only by the biases: lower train.margin below {2 * scale:.3g}, or raise "
+                              f"model.scale")
     width = build_model(config.model, data.input_shape, 1).head.in_features
     copies = 4 if cfg.optimizer != "sgd" else 3  # weights, gradient, and Adam's two moments or momentum
     head_bytes = copies * 4 * (width + 1) * k
@@ -177,7 +186,10 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         torch.set_rng_state(state["torch_rng"])
     elif config.model.weights is not None:
         load_pretrained(model, config.model, data.meta["normalisation"])
-    optimizers = make_optimizers(model.to(device), cfg)
+    model.to(device)
+    head_init_s = state.get("head_init_s", 0.0) if state is not None else \
+        class_mean_rows(model, data.split("train"), device, workers) if cfg.head_init == "class_mean" else 0.0
+    optimizers = make_optimizers(model, cfg)
     model = wrap_model(model)
     loader = wrap_loader(train_loader(train_split, cfg.batch_size, generator, workers, device))
     schedulers = make_schedulers(optimizers, cfg, len(loader))
@@ -204,7 +216,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         samples, train_seconds = samples + epoch_samples, train_seconds + seconds
         net = getattr(model, "module", model)
         val = score_classes(predict_features(net, val_split, device=device, workers=workers), val_split.labels,
-                            Head.of(net.head),
+                            Head.of(net),
                             val_classes, recalls=(), hist_bins=1)
         main = _is_main_process()
         saved_to = checkpoints.folder(workdir, epoch) if main else None
@@ -216,7 +228,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
                 "config": checkpoints.resume_key(config), "model": getattr(model, "module", model).state_dict(),
                 "optimizers": [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers], "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(r) for r in history]})
+                "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(r) for r in history],
+                "head_init_s": head_init_s})
         if progress and main:
             log.info("%s epoch %d/%d: train loss %.4f, val accuracy %.4f, val mean AUPRC %.4f (%.1f s)",
                      config.run_name, epoch, cfg.epochs, epoch_loss, report.val_accuracy, report.val_mean_auprc,
@@ -225,7 +238,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
             on_epoch(report)
     return TrainResult(config.run_name, "failed" if error else "finished", len(history), history, error,
                        time.perf_counter() - started, samples / train_seconds if train_seconds else math.nan,
-                       getattr(model, "module", model))
+                       getattr(model, "module", model), head_init_s)
 
 
 Step = Callable[[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]

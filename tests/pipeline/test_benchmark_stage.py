@@ -20,7 +20,7 @@ def a_trained_export(exports, k=3000):
     """What the export stage leaves for one run of a tiny mlp with many classes (random weights)."""
     torch.manual_seed(0)
     shape = (1, 8, 8)
-    model = build_model(ModelConfig("mlp", 8, 4, None), shape, k).eval()
+    model = build_model(ModelConfig("mlp", 8, 4, None, "linear", None), shape, k).eval()
     info = {"run_name": "bce-s0", "loss": "bce", "dataset": "tiny", "class_names": [f"c{i}" for i in range(k)],
             "input_shape": list(shape), "normalisation": {"mean": [0.5], "std": [0.25]}, "pixel_scale": 255.0}
     export_model(model, exports / "bce-s0", info, None, torch.randn(4, *shape), classes="none")

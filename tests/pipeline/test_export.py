@@ -30,10 +30,12 @@ from tests.formats import write_idx_gz
 
 K = 5
 # One of each kind of network: the paper's two and a torchvision one (squeezenet: its head is
-# built by surgery, and FitInput upsamples and repeats channels inside the graph).
-NETWORKS = {"mlp": (ModelConfig("mlp", 16, 4, None), (1, 12, 12)),
-            "conv6": (ModelConfig("conv6", 16, 4, None), (1, 8, 8)),
-            "squeezenet1_1": (ModelConfig("squeezenet1_1", 16, 4, None), (3, 16, 16))}
+# built by surgery, and FitInput upsamples and repeats channels inside the graph), and a cosine head
+# (its normalisation in the backbone's graph, its scaled unit rows in the head's).
+NETWORKS = {"mlp": (ModelConfig("mlp", 16, 4, None, "linear", None), (1, 12, 12)),
+            "mlp_cosine": (ModelConfig("mlp", 16, 4, None, "cosine", 7.0), (1, 12, 12)),
+            "conv6": (ModelConfig("conv6", 16, 4, None, "linear", None), (1, 8, 8)),
+            "squeezenet1_1": (ModelConfig("squeezenet1_1", 16, 4, None, "linear", None), (3, 16, 16))}
 MANIFEST_KEYS = {"format_version", "run_name", "loss", "dataset", "class_names", "num_classes", "feature_dim",
                  "input", "normalisation", "opset", "thresholds", "class_id_range", "models", "files",
                  "max_abs_diff"}
@@ -255,7 +257,7 @@ def trained(tmp_path_factory, params):
     write_idx_gz(root / "raw" / "FashionMNIST" / "raw", n_train=40, n_test=12)
     data_cfg = dataclasses.replace(params.data, name="fashion_mnist", root=str(root / "raw"))
     meta = prepare(data_cfg, root / "prepared")
-    cfg = ModelConfig("mlp", 8, 4, None)
+    cfg = ModelConfig("mlp", 8, 4, None, "linear", None)
     for seed in (0, 1):
         torch.manual_seed(seed)
         info = {"run_name": f"bce-s{seed}", "loss": "bce", "seed": seed, "model": dataclasses.asdict(cfg),
@@ -378,7 +380,7 @@ def many_classes(tmp_path_factory, params):
     """A 5,000-class mlp (random weights) exported with params.yaml's export settings."""
     torch.manual_seed(0)
     shape = (1, 8, 8)
-    model = build_model(ModelConfig("mlp", 16, 4, None), shape, MANY).eval()
+    model = build_model(ModelConfig("mlp", 16, 4, None, "linear", None), shape, MANY).eval()
     out = tmp_path_factory.mktemp("many") / "bce-s0"
     thresholds = {"0.99": np.linspace(-1, 1, MANY).tolist()}
     manifest = export_model(model, out, info_for(shape, MANY), thresholds, images(shape, n=8),
@@ -427,7 +429,7 @@ def test_verification_asks_single_logit_a_seeded_sample_with_the_first_and_last_
         return out
     monkeypatch.setattr(verify, "class_id_rounds", recording)
     torch.manual_seed(0)
-    model = build_model(ModelConfig("mlp", 16, 4, None), (1, 8, 8), MANY).eval()
+    model = build_model(ModelConfig("mlp", 16, 4, None, "linear", None), (1, 8, 8), MANY).eval()
     export_model(model, tmp_path / "run", info_for((1, 8, 8), MANY), None, images((1, 8, 8), n=8), classes="none",
                  verify_classes=10)
     expected = verify.verified_classes(MANY, 10)
@@ -439,7 +441,7 @@ def test_verification_asks_single_logit_a_seeded_sample_with_the_first_and_last_
 
 def test_all_classes_beyond_the_cap_are_refused_before_any_file_is_written(tmp_path):
     torch.manual_seed(0)
-    model = build_model(ModelConfig("mlp", 16, 4, None), (1, 8, 8), MANY).eval()
+    model = build_model(ModelConfig("mlp", 16, 4, None, "linear", None), (1, 8, 8), MANY).eval()
     with pytest.raises(ExportError, match=r"'all' asks for 5,000 class files: at least 0\.3 MB .*the count 5000 to mean all"):
         export_model(model, tmp_path / "run", info_for((1, 8, 8), MANY), None, images((1, 8, 8)), classes="all")
     assert list(tmp_path.iterdir()) == []

@@ -69,6 +69,8 @@ def run(params, prepared, tmp_path):
 @pytest.mark.slow
 def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_path, ray_session, tiny_params):
     params = tiny_params(num_workers=2, max_concurrent_trials=1)
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, head="cosine"),
+                                 train=dataclasses.replace(params.train, head_init="class_mean"))
     records = run(params, prepared, tmp_path)
 
     assert read_trials(tmp_path / "results" / "trials.json") == records
@@ -76,7 +78,7 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
                                                                            ("bce-s0", "finished", 1)]
     for r in records:  # two ranks, each on its own half of the 1,800 training images
         assert r.world_size == 2 and r.shard_sizes == [900, 900] and r.distinct_samples == 1800
-        assert r.error is None and r.wall_time_s > 0 and r.samples_per_s > 0
+        assert r.error is None and r.wall_time_s > 0 and r.samples_per_s > 0 and r.head_init_s > 0
         model, info = load_trained(r.model_dir)
         assert info["run_name"] == r.run_name and info["loss"] == r.loss
 
@@ -93,7 +95,7 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
         assert child.data.params["train.epochs"] == "1" and child.data.params["model.hidden"] == "32"
         assert {"git_commit", "params_hash", "loss", "seed", "dataset"} <= child.data.params.keys()
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
-        assert {"train_loss", "val_mean_auprc"} <= child.data.metrics.keys()
+        assert {"train_loss", "val_mean_auprc", "head_init_s"} <= child.data.metrics.keys()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs, not GenAI
     inputs = [[(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] for run in [parent, *children]]
     assert inputs == [inputs[0]] * 3 and inputs[0][0][0] == "fashion_mnist"  # the prepared data, every run's one input

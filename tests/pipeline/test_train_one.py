@@ -138,7 +138,7 @@ def test_a_seeded_sampled_run_is_reproducible(tiny, tmp_path, tiny_run):
 
 
 def test_with_every_class_a_candidate_sampled_training_follows_exact_training(tiny, tmp_path, tiny_run):
-    """One epoch (the shuffle is drawn before any candidate): the same losses and gradients, SparseAdam
+    """One epoch (the shuffle is drawn before any candidate): the same losses and gradients, RowAdam (a step count per row)
     on the head instead of Adam, which is the same update when every row takes part in every step."""
     exact = train_one(tiny_run("batch_ce", epochs=1), tiny, tmp_path / "exact", progress=False)
     every = train_one(tiny_run("batch_ce", epochs=1, candidates=5), tiny, tmp_path / "every", progress=False)
@@ -167,3 +167,34 @@ def test_a_head_too_big_for_memory_is_refused_with_the_estimate(tiny, tmp_path, 
 def test_validation_over_a_sample_of_classes(tiny, tmp_path, tiny_run):
     result = train_one(tiny_run("bce", epochs=1, val_classes=2), tiny, tmp_path, progress=False)
     assert 0 <= result.history[0].val_accuracy <= 1 and 0 < result.history[0].val_mean_auprc <= 1
+
+
+def cosine(run: RunConfig, **model) -> RunConfig:
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, head="cosine", **model))
+
+
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_a_cosine_head_from_class_means_learns_and_its_start_is_timed(tiny, tmp_path, tiny_run, candidates):
+    run = cosine(tiny_run("batch_ce", epochs=2, head_init="class_mean", head_lr=0.05, candidates=candidates))
+    result = train_one(run, tiny, tmp_path, progress=False)
+    assert result.status == "finished" and result.head_init_s > 0
+    assert result.history[-1].val_accuracy > 0.9
+
+
+def test_a_resumed_run_keeps_its_head_start_and_does_not_redo_it(tiny, tmp_path, tiny_run, monkeypatch):
+    run = tiny_run("ce", head_init="class_mean")
+    uninterrupted = train_one(run, tiny, tmp_path / "straight", progress=False)
+    with pytest.raises(Crash):
+        train_one(run, tiny, tmp_path / "crashy", on_epoch=crash_after_first_epoch, progress=False)
+    monkeypatch.setattr(training, "class_mean_rows", lambda *args: pytest.fail("the rows were set again"))
+    resumed = train_one(run, tiny, tmp_path / "crashy", progress=False)
+    assert resumed.head_init_s > 0
+    assert_same_weights(weights(resumed.model), weights(uninterrupted.model))
+
+
+def test_a_margin_a_cosine_head_cannot_reach_is_refused_before_any_work(tiny, tmp_path, tiny_run):
+    with pytest.raises(ConfigError, match=r"logits lie within 2 x scale = 4 .* train.margin = 10 .* below 4"):
+        train_one(cosine(tiny_run("batch_max_margin", margin=10.0), scale=2.0), tiny, tmp_path, progress=False)
+    assert not list(tmp_path.iterdir()), "nothing was written"
+    assert train_one(cosine(tiny_run("max_margin", epochs=1, margin=1.0)), tiny, tmp_path, progress=False).status \
+        == "finished"

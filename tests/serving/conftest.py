@@ -23,11 +23,14 @@ NORMALISATION = {"mean": [0.3], "std": [0.4]}
 THRESHOLDS = {"0.9": [0.1, -0.2, 0.0, 0.3, -0.1], "0.99": [-0.5, -0.6, -0.4, float("nan"), -0.7]}
 
 
+MLP = ModelConfig(name="mlp", hidden=16, channels=4, weights=None, head="linear", scale=None)
+
+
 @pytest.fixture(scope="session")
 def trained():
     """A randomly initialised MLP stands in for a trained one: serving only needs it to be fixed."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(name="mlp", hidden=16, channels=4, weights=None), SHAPE, len(CLASSES)).eval()
+    return build_model(MLP, SHAPE, len(CLASSES)).eval()
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +48,7 @@ def exports(export_dir) -> Path:
     """The directory of two runs, as the export stage lays them out: ce-s0 and a differently seeded
     bce-s1 with classes of other names and no thresholds."""
     torch.manual_seed(1)
-    other = build_model(ModelConfig(name="mlp", hidden=16, channels=4, weights=None), SHAPE, len(CLASSES)).eval()
+    other = build_model(MLP, SHAPE, len(CLASSES)).eval()
     info = {"run_name": "bce-s1", "loss": "bce", "dataset": "synthetic", "class_names": [f"c{i}" for i in range(5)],
             "input_shape": list(SHAPE), "normalisation": NORMALISATION, "pixel_scale": 255.0}
     export_model(other, export_dir.parent / "bce-s1", info, None, torch.randn(4, *SHAPE), classes=[])

@@ -325,7 +325,7 @@ def test_trained_exports_are_drawn_but_stay_out_of_the_csv_of_the_random_heads(t
 def test_each_trained_export_is_timed_at_its_own_k_and_judged_by_the_same_floor(tmp_path):
     torch.manual_seed(0)
     k, shape = 5000, (1, 8, 8)
-    model = build_model(ModelConfig("mlp", 16, 4, None), shape, k).eval()
+    model = build_model(ModelConfig("mlp", 16, 4, None, "linear", None), shape, k).eval()
     info = {"run_name": "bce-s0", "loss": "bce", "dataset": "tiny", "class_names": [f"c{i}" for i in range(k)],
             "input_shape": list(shape), "normalisation": {"mean": [0.5], "std": [0.25]}, "pixel_scale": 255.0}
     export_model(model, tmp_path / "exports" / "bce-s0", info, None, torch.randn(4, *shape), classes=2)

@@ -12,10 +12,12 @@ RAW = yaml.safe_load(open("params.yaml"))
 TYPOS = {  # a plausible typo per registered key, and a name the error must offer instead
     "data.name": ("fashion-mnist", "fashion_mnist"),
     "model.name": ("resnet5O", "mlp, conv6"),
+    "model.head": ("cosin", "linear, cosine"),
     "train.optimizer": ("adamm", "adam, adamw, sgd"),
     "train.lr_schedule": ("cosin", "cosine"),
     "train.augment": ("flip", "crop_flip"),
     "train.nce_noise": ("uniforn", "frequency"),
+    "train.head_init": ("class_means", "random, class_mean"),
     "grid.losses": (["ce", "cross_entropy"], "batch_ce"),
     "benchmark.architectures": (["resnet50", "resnet51"], "mlp, conv6"),
 }
@@ -62,3 +64,14 @@ def test_weights_their_architecture_lacks_are_refused_with_the_valid_ones():
     raw["model"]["name"] = "resnet18"
     with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
         params_from(raw)
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("model.scale", 0.0, r"model.scale = 0.0 is invalid: expected null \(sqrt.* or a positive number"),
+    ("model.scale", 16.0, "only model.head: cosine has a scale"),
+    ("train.head_lr", 0.0, r"train.head_lr = 0.0 is invalid: expected null \(train.lr\) or a positive learning rate"),
+    ("train.head_lr", -0.5, "train.head_lr = -0.5"),
+])
+def test_head_settings_out_of_range_are_refused_with_what_to_set(key, value, says):
+    with pytest.raises(ConfigError, match=says):
+        params_from(with_value(key, value))
