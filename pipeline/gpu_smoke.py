@@ -142,8 +142,8 @@ def grid_changes(scale: Scale, gpu: dict | None, work: Path) -> dict:
 
 
 def many_classes_changes(scale: Scale, gpu: dict | None) -> dict:
-    """many_classes_400k's recipe (sampled training, lazy Adam, in-process loading) at
-    `scale.tuples_classes` classes and a short epoch, one loss, on one GPU."""
+    """many_classes_400k's recipe (sampled training, a cosine head from class-mean rows, per-row Adam,
+    in-process loading) at `scale.tuples_classes` classes and a short epoch, one loss, on one GPU."""
     preset = PRESETS[MANY_CLASSES]
     return {**preset, "data.tuples.num_classes": scale.tuples_classes,
             "data.tuples.train_per_class": scale.tuples_train_per_class,

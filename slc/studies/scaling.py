@@ -1,6 +1,6 @@
-"""The scaling study: the whole product at growing k, everything else held fixed.
+"""The scaling study: the whole product at growing k, everything else held fixed, with each head.
 
-At each k the real stages (prepare, train, evaluate, export) run as subprocesses in a folder of
+At each k and head the real stages (prepare, train, evaluate, export) run as subprocesses in a folder of
 their own, on the same settings but `data.tuples.num_classes`; each one's wall time and peak
 memory are measured with its child processes (Ray's workers) included. Beside them a training
 step of every loss is timed in-process, sampled and exact, on the same batch and backbone, and the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import time
@@ -75,6 +76,7 @@ def measure(command: list[str], cwd: Path, log: Path) -> dict[str, float]:
 class Layout:
     """Where, in a point's folder, the stages put what the study reads (as dvc.yaml names it)."""
     data: Path
+    trials: Path
     metrics: Path
     exports: Path
 
@@ -130,12 +132,24 @@ def export_bytes(exports: Path) -> int:
     return sum(path.stat().st_size for path in exports.rglob("*") if path.is_file())
 
 
+def per_loss(trials: Path, metrics: Path) -> dict[str, dict[str, float]]:
+    """Each loss's test 1-AUPRC (mean over seeds) and its train loss over the last epoch (seed 0's run):
+    a loss still at log k learned nothing, however its errors compare."""
+    losses, records = json.loads(metrics.read_text())["losses"], json.loads(trials.read_text())
+    first_seed = min(record["seed"] for record in records)
+    final = {record["loss"]: record["train_loss"] for record in records if record["seed"] == first_seed}
+    return {loss: {"1-auprc": values["1-auprc_mean"], "train_loss": final.get(loss)} for loss, values in losses.items()}
+
+
 def run_point(raw_params: dict, folder: Path, commands: dict[str, list[str]], layout: Layout) -> dict:
-    """The pipeline at one k: each stage's cost, the export's bytes, Table 1's summary."""
+    """The pipeline at one k and head: each stage's cost, the export's bytes, Table 1's summary, and
+    each loss's error and final train loss."""
     stages = run_stages(raw_params, folder, commands)
-    return {"k": raw_params["data"]["tuples"]["num_classes"], "stages": stages, "evaluate": stages["evaluate"],
+    return {"k": raw_params["data"]["tuples"]["num_classes"], "head": raw_params["model"]["head"],
+            "stages": stages, "evaluate": stages["evaluate"],
             "export": {**stages["export"], "bytes": export_bytes(folder / layout.exports)},
-            "summary": summary_of(folder / layout.metrics)}
+            "summary": summary_of(folder / layout.metrics),
+            "losses": per_loss(folder / layout.trials, folder / layout.metrics)}
 
 
 def time_point(raw_params: dict, folder: Path, layout: Layout, gbps: float) -> dict:
@@ -166,54 +180,88 @@ def bandwidth_gbps(params: Params, folder: Path) -> dict:
     return timing.memory_bandwidth(write_gemv_probe(folder, cfg.bandwidth_mib), settings, cfg.repeats)
 
 
-TABLE_COLUMNS = ("k", "train step ms (sampled)", "train step ms (exact)", "evaluate s", "evaluate GB", "export s",
-                 "export GB", "full ms", "single_logit ms", "1-AUPRC non-PoLS", "1-AUPRC PoLS", "relative improvement")
+def by_head(points: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{head: {k: that head's point}}, k ascending: the study's points read one head at a time."""
+    heads: dict[str, dict[str, dict]] = {}
+    for k in sorted(points, key=int):
+        for head, point in points[k]["heads"].items():
+            heads.setdefault(head, {})[k] = point
+    return heads
+
+
+TABLE_COLUMNS = ("k", "head", "train step ms (sampled)", "train step ms (exact)", "evaluate s", "evaluate GB",
+                 "export s", "export GB", "full ms", "single_logit ms", "1-AUPRC non-PoLS", "1-AUPRC PoLS",
+                 "relative improvement")
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _improvement(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def table_markdown(points: dict[str, dict]) -> str:
-    """One row per k; step times as the mean over losses (per loss in metrics/scaling.json)."""
+    """One row per k and head; step times as the mean over losses (per loss in metrics/scaling.json)."""
     rows = []
-    for k, p in sorted(points.items(), key=lambda item: int(item[0])):
-        mean = lambda kind: statistics.mean(v[kind] for v in p["train_step_ms"].values() if v.get(kind) is not None) \
-            if any(v.get(kind) is not None for v in p["train_step_ms"].values()) else None
-        auprc = p["summary"]["1-auprc"]
-        rows.append([f"{int(k):,}", _fmt(mean("sampled"), ".1f"), _fmt(mean("exact"), ".1f"),
-                     _fmt(p["evaluate"]["wall_s"], ".0f"), _fmt(p["evaluate"]["peak_rss_gb"], ".2f"),
-                     _fmt(p["export"]["wall_s"], ".0f"), _fmt(p["export"]["bytes"] / 1e9, ".2f"),
-                     _fmt(p["latency_ms"]["full"], ".2f"), _fmt(p["latency_ms"]["single_logit"], ".2f"),
-                     _fmt(auprc["non_pols"], ".3f"), _fmt(auprc["pols"], ".3f"),
-                     "n/a" if auprc["relative_improvement"] is None else f"{100 * auprc['relative_improvement']:.1f}%"])
+    for k in sorted(points, key=int):
+        for head, p in points[k]["heads"].items():
+            steps = p["train_step_ms"].values()
+            mean = lambda kind: statistics.mean(v[kind] for v in steps if v.get(kind) is not None) \
+                if any(v.get(kind) is not None for v in steps) else None
+            auprc = p["summary"]["1-auprc"]
+            rows.append([f"{int(k):,}", head, _fmt(mean("sampled"), ".1f"), _fmt(mean("exact"), ".1f"),
+                         _fmt(p["evaluate"]["wall_s"], ".0f"), _fmt(p["evaluate"]["peak_rss_gb"], ".2f"),
+                         _fmt(p["export"]["wall_s"], ".0f"), _fmt(p["export"]["bytes"] / 1e9, ".2f"),
+                         _fmt(p["latency_ms"]["full"], ".2f"), _fmt(p["latency_ms"]["single_logit"], ".2f"),
+                         _fmt(auprc["non_pols"], ".3f"), _fmt(auprc["pols"], ".3f"),
+                         _improvement(auprc["relative_improvement"])])
     return tabulate(rows, TABLE_COLUMNS, tablefmt="github", disable_numparse=True)
 
 
+def losses_markdown(points: dict[str, dict]) -> str:
+    """One row per k and head: each loss's test 1-AUPRC and its final train loss beside log k (a loss
+    still at log k has learned nothing)."""
+    losses = list(next(iter(points.values()))["heads"].values())[0]["losses"]
+    rows = []
+    for k in sorted(points, key=int):
+        for head, p in points[k]["heads"].items():
+            rows.append([f"{int(k):,}", head, f"{math.log(int(k)):.2f}",
+                         *(f"{_fmt(p['losses'][loss]['1-auprc'], '.3f')} ({_fmt(p['losses'][loss]['train_loss'], '.2f')})"
+                           for loss in losses)])
+    return tabulate(rows, ["k", "head", "log k", *(f"{loss}: 1-AUPRC (train loss)" for loss in losses)],
+                    tablefmt="github", disable_numparse=True)
+
+
 def goals(points: dict[str, dict]) -> dict:
-    """The issue's goals as measured (not asserted): step ratio, evaluate memory, latency, PoLS gain."""
-    ks = sorted(points, key=int)
-    low, high = points[ks[0]], points[ks[-1]]
-    ratio = {loss: high["train_step_ms"][loss]["sampled"] / low["train_step_ms"][loss]["sampled"]
-             for loss in high["train_step_ms"]}
-    return {"sampled_step_ratio_largest_vs_smallest_k": ratio,
+    """The issue's goals as measured (not asserted), per head: step ratio, evaluate memory, latency, PoLS gain."""
+    measured = {}
+    for head, at in by_head(points).items():
+        ks = list(at)
+        low, high = at[ks[0]], at[ks[-1]]
+        measured[head] = {
+            "sampled_step_ratio_largest_vs_smallest_k": {
+                loss: high["train_step_ms"][loss]["sampled"] / low["train_step_ms"][loss]["sampled"]
+                for loss in high["train_step_ms"]},
             "evaluate_peak_rss_gb_minus_head_at_largest_k": round(high["evaluate"]["peak_rss_gb"] - high["head_gb"], 3),
             "single_logit_vs_backbone_at_largest_k": high["latency_ms"]["single_vs_backbone"],
-            "relative_improvement_1-auprc": {k: points[k]["summary"]["1-auprc"]["relative_improvement"] for k in ks}}
+            "relative_improvement_1-auprc": {k: at[k]["summary"]["1-auprc"]["relative_improvement"] for k in ks}}
+    return measured
 
 
 def goals_markdown(measured: dict) -> str:
-    ratio = ", ".join(f"{loss} x{value:.2f}" for loss, value in measured["sampled_step_ratio_largest_vs_smallest_k"].items())
-    gains = ", ".join(f"k={int(k):,}: " + ("n/a" if v is None else f"{100 * v:.1f}%")
-                      for k, v in measured["relative_improvement_1-auprc"].items())
-    return "\n".join([
-        "Goals, as measured (not asserted):",
-        f"- sampled training step, largest k against smallest (goal <= x1.5): {ratio}",
-        f"- evaluate's peak memory at the largest k less the head's bytes (goal <= 2 GB): "
-        f"{measured['evaluate_peak_rss_gb_minus_head_at_largest_k']:.2f} GB",
-        f"- trained export's single_logit against its backbone at the largest k (goal <= x1.05): "
-        f"x{measured['single_logit_vs_backbone_at_largest_k']:.3f}",
-        f"- relative improvement of 1-AUPRC, PoLS-aligned over not (goal >= 20%): {gains}"])
+    lines = ["Goals, as measured (not asserted):"]
+    for head, goal in measured.items():
+        ratio = ", ".join(f"{loss} x{value:.2f}" for loss, value in goal["sampled_step_ratio_largest_vs_smallest_k"].items())
+        gains = ", ".join(f"k={int(k):,}: {_improvement(v)}" for k, v in goal["relative_improvement_1-auprc"].items())
+        lines += [f"- {head} head, sampled training step, largest k against smallest (goal <= x1.5): {ratio}",
+                  f"- {head} head, evaluate's peak memory at the largest k less the head's bytes (goal <= 2 GB): "
+                  f"{goal['evaluate_peak_rss_gb_minus_head_at_largest_k']:.2f} GB",
+                  f"- {head} head, trained export's single_logit against its backbone at the largest k (goal <= x1.05): "
+                  f"x{goal['single_logit_vs_backbone_at_largest_k']:.3f}",
+                  f"- {head} head, relative improvement of 1-AUPRC, PoLS-aligned over not (goal >= 20%): {gains}"]
+    return "\n".join(lines)
 
 
 def report_markdown(study: dict) -> str:
@@ -223,14 +271,21 @@ def report_markdown(study: dict) -> str:
         f"Same batch ({settings['train']['batch_size']}), backbone ({settings['model']['name']}, "
         f"{settings['model']['hidden']} wide), candidates ({settings['train']['candidates']}) and epochs "
         f"({settings['train']['epochs']}) at every k, and the same training budget ({settings['train_images']:,} "
-        f"images per loss: the images per class fall as k grows); data: tuples of Fashion-MNIST items; losses "
-        f"{', '.join(settings['grid']['losses'])}; errors over a seeded sample of "
-        f"{settings['evaluate']['classes']} classes. Machine: {machine.get('cpu', '?')}, "
+        f"images per loss: the images per class fall as k grows); heads {', '.join(settings['heads'])}, rows started "
+        f"by train.head_init: {settings['train']['head_init']}, head learning rate {settings['train']['head_lr']}; "
+        f"data: tuples of Fashion-MNIST items; losses {', '.join(settings['grid']['losses'])}; errors over a seeded "
+        f"sample of {settings['evaluate']['classes']} classes. Machine: {machine.get('cpu', '?')}, "
         f"{machine.get('cores', '?')} cores, load average {machine.get('load_average')} at the start. "
         "Stage memory: peak PSS of the stage and its child processes.",
         table_markdown(study["points"]),
+        "Each loss's test 1-AUPRC, and in brackets its train loss over the last epoch (log k is the loss of "
+        "a model that learned nothing):",
+        losses_markdown(study["points"]),
         goals_markdown(study["goals"]),
         "![scaling](../plots/scaling.png)"])
+
+
+HEAD_MARKERS = {"linear": "x", "cosine": "o"}
 
 
 def write_plot(points: dict[str, dict], path: Path) -> None:
@@ -238,27 +293,28 @@ def write_plot(points: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = sorted(points, key=int)
-    x = [int(k) for k in ks]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for loss in points[ks[0]]["train_step_ms"]:
-        for kind, style in (("sampled", "-o"), ("exact", "--x")):
-            y = [points[k]["train_step_ms"][loss].get(kind) for k in ks]
-            if any(v is not None for v in y):
-                axes[0].plot(x, y, style, label=f"{loss} {kind}")
-    axes[0].set(title="training step", ylabel="ms per step")
-    for kind, style in (("full", "-o"), ("single_logit", "-s"), ("backbone", ":")):
-        axes[1].plot(x, [points[k]["latency_ms"][kind] for k in ks], style, label=kind)
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for head, at in by_head(points).items():
+        x, marker = [int(k) for k in at], HEAD_MARKERS.get(head, "s")
+        first = next(iter(at.values()))
+        for loss in first["train_step_ms"]:
+            for kind, line in (("sampled", "-"), ("exact", "--")):
+                y = [p["train_step_ms"][loss].get(kind) for p in at.values()]
+                if any(v is not None for v in y):
+                    axes[0].plot(x, y, line + marker, label=f"{head} {loss} {kind}")
+        for kind, line in (("full", "-"), ("single_logit", "--"), ("backbone", ":")):
+            axes[1].plot(x, [p["latency_ms"][kind] for p in at.values()], line + marker, label=f"{head} {kind}")
+        for kind, line in (("non_pols", "-"), ("pols", "--")):
+            axes[2].plot(x, [p["summary"]["1-auprc"][kind] for p in at.values()], line + marker,
+                         label=f"{head} {kind.replace('_', '-')}")
+    axes[0].set(title="training step", ylabel="ms per step", yscale="log")
     axes[1].set(title="trained export, onnxruntime", ylabel="ms per query", yscale="log")
-    for kind, style in (("non_pols", "-o"), ("pols", "-s")):
-        axes[2].plot(x, [points[k]["summary"]["1-auprc"][kind] for k in ks], style, label=kind.replace("_", "-"))
     axes[2].set(title="1-AUPRC (lower is better)", ylabel="error")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("classes k")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
+        ax.legend(fontsize=7)
     figure.tight_layout()
     save_figure(figure, path, dpi=110)
 
