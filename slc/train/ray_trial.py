@@ -18,6 +18,7 @@ import time
 import traceback
 
 import ray
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -79,6 +80,12 @@ def worker_resources(cfg: RayConfig, cluster: dict[str, float]) -> dict[str, flo
     return {"CPU": per_worker, **({"GPU": 1.0} if cfg.use_gpu else {})}
 
 
+def compute_threads(cpus: float) -> int:
+    """torch's threads for a worker holding `cpus`. Ray sets OMP_NUM_THREADS to their floor, so the
+    1.99 CPUs a lone trial's worker gets beside its driver's 0.01 ran on one of two cores."""
+    return max(1, round(cpus))
+
+
 def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
     """This rank's disjoint share of the training set. Each rank keeps `train.batch_size`, since
     the batch losses (batch_ce, batch_max_margin) are defined over the batch one process sees."""
@@ -99,6 +106,7 @@ def _train_worker(config: dict) -> dict | None:
     # Ray's worker logging passes ray.train's INFO lines on ("Checkpoint successfully created at: ..."
     # every epoch of every trial); the driver logs each epoch itself
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    torch.set_num_threads(compute_threads(config["cpus"]))
 
     run = RunConfig(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
                     from_dict(TrainConfig, config["train"], "train"))

@@ -37,6 +37,13 @@ def test_workers_share_the_cpus_left_after_the_trial_drivers(params):
     assert ray_trial.worker_resources(ddp, {"CPU": 2.0}) == {"CPU": 0.49}
 
 
+def test_a_lone_trial_computes_on_every_core_its_worker_holds(params):
+    """Ray would give the lone worker's 1.99 CPUs one thread (their floor): one of two cores idle."""
+    lone = dataclasses.replace(params.ray, num_workers=1, cpus_per_worker=None, max_concurrent_trials=1)
+    assert ray_trial.compute_threads(ray_trial.worker_resources(lone, {"CPU": 2.0})["CPU"]) == 2
+    assert [ray_trial.compute_threads(cpus) for cpus in (0.49, 0.99, 3.98)] == [1, 1, 4]
+
+
 def test_trials_that_cannot_fit_the_cluster_fail_before_starting(params):
     greedy = dataclasses.replace(params.ray, num_workers=2, cpus_per_worker=1.0, max_concurrent_trials=1)
     with pytest.raises(ConfigError, match=r"need 2.01 CPUs but the Ray cluster has 2.*lower ray"):
