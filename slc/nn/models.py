@@ -113,9 +113,14 @@ class FitInput(nn.Module):
 
 
 def mlp(cfg: ModelConfig, input_shape: InputShape, num_classes: int) -> SLCNet:
-    """The paper's MNIST network: two fully connected layers (one hidden layer, then the logits)."""
+    """The paper's MNIST network: two fully connected layers (one hidden layer, then the logits).
+
+    Under a cosine head the hidden layer is an embedding, as face recognition's is: no ReLU, since
+    features clipped to one orthant all have positive cosines and crowd together (at 100,000 classes
+    dropping it took one epoch's 1-AUPRC from 0.631 to 0.585)."""
     c, h, w = input_shape
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, cfg.hidden), nn.ReLU())
+    layers = [nn.Flatten(), nn.Linear(c * h * w, cfg.hidden)]
+    backbone = nn.Sequential(*layers, nn.ReLU()) if cfg.head == "linear" else nn.Sequential(*layers)
     return SLCNet(backbone, nn.Linear(cfg.hidden, num_classes))
 
 

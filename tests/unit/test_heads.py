@@ -45,6 +45,15 @@ def test_a_cosine_head_starts_with_zero_biases_and_a_linear_one_as_before():
     assert linear.head.bias.any() and linear.scale is None
 
 
+def test_the_mlp_embeds_without_a_relu_under_a_cosine_head_so_its_cosines_can_be_negative():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 4, 4)
+    with torch.no_grad():
+        assert (build_model(LINEAR, (1, 4, 4), 30).backbone(x) >= 0).all()
+        cosine = build_model(COSINE, (1, 4, 4), 30)
+        assert (cosine.backbone(x) < 0).any() and (cosine(x) < 0).any()
+
+
 @pytest.mark.parametrize("cfg", [LINEAR, COSINE], ids=["linear", "cosine"])
 def test_features_times_rows_is_the_model_whatever_the_head(cfg):
     """What scoring and the export compute (features once, then the rows) is the model's forward."""
