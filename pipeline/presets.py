@@ -22,10 +22,12 @@ import yaml
 
 from slc.core.config import Params
 from slc.core.errors import ConfigError
+from slc.nn.losses import LOSSES
 from slc.params import params_from
 from slc.studies.cost import training_cost
 
 MANY_CLASSES = "many_classes_400k"  # also the settings of the scaling study (pipeline.scaling), at each k
+RELATED_LOSSES = "related_losses"
 
 # One GPU per Train worker, with 4 CPUs: 3 loader processes decode and augment beside training
 # (train.loader_workers: null), and bfloat16 autocast.
@@ -75,6 +77,10 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.candidates": 1024, "train.val_classes": 100, "train.loader_workers": 0,  # composed in-process: x2-3 faster
         "grid.losses": ["ce", "batch_ce"], "grid.seeds": [0],
         "ray.max_concurrent_trials": 1, "evaluate.classes": 1000},
+    # The related work's losses beside the paper's seven, on the default run (Fashion-MNIST, the paper's mlp,
+    # 3 seeds, on this CPU machine): Table 1's means stay over the seven, each new loss's row says whether
+    # it is aligned (slc/nn/losses.py). The four head losses train a cosine head at their papers' scales.
+    RELATED_LOSSES: {"grid.losses": list(LOSSES)},
 }
 
 

@@ -5,6 +5,8 @@ loudly with the key's dotted path instead of silently falling back to a default.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -73,6 +75,31 @@ class ModelConfig:
 
 
 @strict
+class ZLossConfig:
+    a: float  # softness of the hinge
+    b: float  # how far the standardised true logit is pushed
+
+
+@strict
+class SmoothTopKConfig:
+    alpha: float  # the margin of a subset that misses the true class
+    tau: float    # temperature (0 would be the hard top-k SVM)
+
+
+@strict
+class MarginHeadConfig:
+    scale: float   # the cosine head's s
+    margin: float  # m, in cosine (CosFace) or radians (ArcFace)
+
+
+@strict
+class ThresholdHeadConfig:
+    scale: float
+    margin: float
+    lam: float  # SphereFace2: the positive term's weight (the negatives' is 1 - lam); UniFace: the negatives'
+
+
+@strict
 class TrainConfig:
     epochs: int
     batch_size: int
@@ -92,8 +119,22 @@ class TrainConfig:
     loader_workers: int | None
     head_init: str
     head_lr: float | None
+    z_loss: ZLossConfig
+    smooth_topk: SmoothTopKConfig
+    cosface: MarginHeadConfig
+    arcface: MarginHeadConfig
+    sphereface2: ThresholdHeadConfig
+    uniface: ThresholdHeadConfig
 
     def __post_init__(self):
+        for section in ("z_loss", "smooth_topk", "cosface", "arcface", "sphereface2", "uniface"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                require(value >= 0 if key == "margin" else value > 0, f"train.{section}.{key}", value,
+                        "0 or more" if key == "margin" else "a positive number")
+        require(self.sphereface2.lam < 1, "train.sphereface2.lam", self.sphereface2.lam,
+                "a weight below 1 (the negatives weigh 1 - lam)")
+        require(self.arcface.margin < math.pi / 2, "train.arcface.margin", self.arcface.margin,
+                "an angle below pi / 2 radians (the paper's 0.5)")
         for key in ("epochs", "batch_size", "nce_noise_samples"):
             require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
         require(self.candidates is None or self.candidates >= 1, "train.candidates", self.candidates,

@@ -28,7 +28,7 @@ from slc.core.sampling import class_sample
 from slc.data.prepared import PreparedData, renormalisation
 from slc.evaluate.metrics import pols_summary, recall_key
 from slc.evaluate.scoring import Head, score_classes, thresholds_at_recall, true_logits
-from slc.evaluate.table1 import error_names, table1_markdown, write_plot_data, write_plot_pngs
+from slc.evaluate.table1 import error_names, paper_means, table1_markdown, write_plot_data, write_plot_pngs
 from slc.nn.losses import POLS_ALIGNED
 from slc.nn.models import predict_features
 from slc.nn.trained import load_trained
@@ -132,8 +132,9 @@ def summarise_runs(results: dict[str, RunResult], losses: dict[str, list[str]], 
         per_loss_means[loss] = {key: float(np.mean([results[run].class_means[key] for run in runs]))
                                 for key in results[runs[0]].class_means}
     summary = {}
-    if any(loss in POLS_ALIGNED for loss in losses) and any(loss not in POLS_ALIGNED for loss in losses):
-        errors = pols_summary(per_loss_means, POLS_ALIGNED)["error"]
+    compared = paper_means(per_loss_means, POLS_ALIGNED)
+    if any(loss in POLS_ALIGNED for loss in compared) and any(loss not in POLS_ALIGNED for loss in compared):
+        errors = pols_summary(compared, POLS_ALIGNED)["error"]
         keys = ["auprc", *(f"precision_at_recall_{recall_key(r)}" for r in recalls)]
         summary = {name: errors[key] for name, key in zip(error_names(recalls), keys)}
     return {"summary": summary, "losses": per_loss,

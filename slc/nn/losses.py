@@ -19,6 +19,7 @@ within one example and are invariant to a per-example shift, so they cannot guar
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -29,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slc.core.config import TrainConfig
+from slc.core.config import ModelConfig, TrainConfig
 from slc.nn.candidates import Candidates
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
-POLS_ALIGNED = {"bce", "self_norm", "nce", "batch_ce", "batch_max_margin"}
+POLS_ALIGNED = {"bce", "self_norm", "nce", "batch_ce", "batch_max_margin", "sphereface2", "uniface"}
 
 
 def _true_logits(logits: Tensor, targets: Tensor) -> Tensor:
@@ -152,6 +153,124 @@ def batch_max_margin(logits: Tensor, targets: Tensor, *, margin: float,
     return per_example + across_batch
 
 
+# --- The related work's losses: each with its hyper-parameters in its own `train.<section>` ---
+
+
+def z_loss(logits: Tensor, targets: Tensor, *, a: float, b: float, candidates: Candidates | None = None) -> Tensor:
+    """Z-loss (de Brebisson & Vincent, "The Z-loss: a shift and scale invariant classification loss
+    belonging to the spherical family", arXiv:1604.08859, 2016): each example's logits standardised
+    over the classes, z = (o - mean) / std, then (1 / a) softplus(a (b - z_y)).
+
+    Standardising makes it invariant to a per-example shift and scale of the logits, so by the
+    paper's argument it is not aligned. b caps how far z_y is pushed (z_y is at most sqrt(k - 1)),
+    a sets the hinge's softness. Sampled, the mean and variance over k are estimated from the
+    candidates, each weighed by 1 / P(sampled); with every class a candidate they are exact.
+    """
+    weight = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device) if candidates is None \
+        else torch.exp(-candidates.log_inclusion).to(logits.dtype)
+    weight = weight / weight.sum()
+    mean = logits @ weight
+    centred = logits - mean[:, None]
+    std = torch.sqrt(centred.pow(2) @ weight + 1e-12)
+    standardised = _true_logits(centred, targets) / std
+    return (F.softplus(a * (b - standardised)) / a).mean()
+
+
+def smooth_topk(logits: Tensor, targets: Tensor, *, top: int, alpha: float, tau: float,
+                candidates: Candidates | None = None) -> Tensor:
+    """Smooth top-k SVM loss L_{k,tau} (Berrada, Zisserman & Kumar, "Smooth Loss Functions for Deep
+    Top-k Classification", ICLR 2018, eq. 8): tau log sum over k-subsets S of exp((alpha [y not in S]
+    + mean_{j in S} s_j) / tau), less tau log of the same sum over the subsets that hold y.
+
+    Both sums are elementary symmetric polynomials of x_j = exp(s_j / (k tau)): with e_r those of
+    the classes other than y, the loss is tau log(e^(alpha/tau) e_k + x_y e_(k-1)) - tau log(x_y e_(k-1)).
+    e_r is computed in log space by the recurrence e_r(x_1..x_i) = e_r(x_1..x_(i-1)) + x_i
+    e_(r-1)(x_1..x_(i-1)), one cumulative log-sum-exp per r: O(k n), as the paper's own algorithm.
+    A per-example shift moves every subset's mean alike, so it is not aligned. top = 1 is the smooth
+    multiclass SVM, whose log-sum-exp takes the log-q correction when sampled; top > 1 has no
+    sampled form here (refused before training).
+    """
+    if candidates is not None and top > 1:
+        raise ValueError(f"smooth_top{top} has no sampled form: set train.candidates: null")
+    true = _true_logits(logits, targets)
+    log_x = (_corrected(logits, candidates) if top == 1 else logits) / (top * tau)
+    # log 0, for y's own x and the empty prefix: finite, far below every log x (-inf gives NaN gradients)
+    log_zero = log_x.detach().amin(dim=1, keepdim=True) - 1e3
+    others = log_x.scatter(1, targets[:, None], log_zero)
+    log_e = [torch.zeros_like(true)]  # log e_0 = 0, then log e_1 .. log e_top of the other classes
+    terms = others  # x_i e_0 of the prefix before class i
+    for _ in range(top):
+        prefix = torch.logcumsumexp(terms, dim=1)  # log e_r of the classes up to each i
+        log_e.append(prefix[:, -1])
+        terms = others + torch.cat([log_zero, prefix[:, :-1]], dim=1)  # x_i e_r of the prefix before i
+    log_with_y = true / (top * tau) + log_e[top - 1]
+    return (tau * torch.logaddexp(alpha / tau + log_e[top], log_with_y) - tau * log_with_y).mean()
+
+
+def _margin_ce(logits: Tensor, targets: Tensor, true: Tensor, candidates: Candidates | None) -> Tensor:
+    """Softmax cross-entropy with each example's true logit replaced by `true` (log-q corrected when sampled)."""
+    return F.cross_entropy(_corrected(logits.scatter(1, targets[:, None], true[:, None]), candidates), targets)
+
+
+def cosface(logits: Tensor, targets: Tensor, *, scale: float, margin: float,
+            candidates: Candidates | None = None) -> Tensor:
+    """CosFace's large margin cosine loss (Wang et al., CVPR 2018; AM-softmax, Wang et al. 2018):
+    softmax cross-entropy on s cos(theta) with s m taken off the true class's logit. The logits
+    are those of the bias-free cosine head at scale s. A softmax over one example's logits, shifted
+    alike: not aligned."""
+    return _margin_ce(logits, targets, _true_logits(logits, targets) - scale * margin, candidates)
+
+
+def arcface(logits: Tensor, targets: Tensor, *, scale: float, margin: float,
+            candidates: Candidates | None = None) -> Tensor:
+    """ArcFace's additive angular margin (Deng et al., CVPR 2019): softmax cross-entropy with the true
+    class's logit s cos(theta) replaced by s cos(theta + m). Where theta + m would pass pi, it takes
+    s (cos(theta) - m sin(m)) instead, so the logit keeps falling with theta (the paper's code,
+    insightface, does the same). The logits are those of the bias-free cosine head at scale s, so
+    cos(theta) = logit / s (clamped inside [-1, 1], where arccos's slope is finite). A softmax over
+    one example's logits: not aligned, like ce, though its margin reads a logit's absolute value."""
+    cosine = (_true_logits(logits, targets) / scale).clamp(-1 + 1e-6, 1 - 1e-6)
+    sine = torch.sqrt(1 - cosine.pow(2))
+    with_margin = torch.where(cosine > math.cos(math.pi - margin), cosine * math.cos(margin) - sine * math.sin(margin),
+                              cosine - margin * math.sin(margin))
+    return _margin_ce(logits, targets, scale * with_margin, candidates)
+
+
+def _binary_terms(logits: Tensor, targets: Tensor, positive: Tensor, negative: Tensor,
+                  candidates: Candidates | None) -> Tensor:
+    """Per example: `positive` of its true logit plus `negative` summed over its other classes'
+    logits, each other class weighed by 1 / P(sampled) when sampled (an unbiased sum over k)."""
+    onehot = F.one_hot(targets, logits.shape[1]).bool()
+    weight = 1.0 if candidates is None else torch.exp(-candidates.log_inclusion)
+    per_class = torch.where(onehot, positive, negative * weight)
+    return per_class.sum(dim=1).mean()
+
+
+def sphereface2(logits: Tensor, targets: Tensor, *, scale: float, margin: float, lam: float,
+                candidates: Candidates | None = None) -> Tensor:
+    """SphereFace2-C (Wen et al., "SphereFace2: Binary Classification is All You Need for Deep Face
+    Recognition", ICLR 2022, eq. 8 with t = 1): one binary classifier per class on normalised
+    features, (lam / s) softplus(-(s (cos_y - m) + b)) + ((1 - lam) / s) sum_(j != y)
+    softplus(s (cos_j + m) + b). Its bias b is one threshold shared by every class; here the cosine
+    head's per-class biases hold it (each starts at the paper's balanced value, `threshold_bias`), so a
+    logit is s cos + b and the threshold on every logit is 0: PoLS in face recognition's form, aligned.
+    The similarity adjustment g (t = 3 in the paper) is left out: it needs cos apart from b."""
+    shift = scale * margin
+    return _binary_terms(logits, targets, lam / scale * F.softplus(-(logits - shift)),
+                         (1 - lam) / scale * F.softplus(logits + shift), candidates)
+
+
+def uniface(logits: Tensor, targets: Tensor, *, scale: float, margin: float, lam: float,
+            candidates: Candidates | None = None) -> Tensor:
+    """UniFace's unified cross-entropy with margin, L_uce-m (Zhou et al., "UniFace: Unified
+    Cross-Entropy Loss for Deep Face Recognition", ICCV 2023; their head.py): softplus(-(s (cos_y - m)
+    - b)) + lam sum_(j != y) softplus(s cos_j - b), one threshold b for every class and example. As in
+    `sphereface2`, the cosine head's per-class biases hold -b (each starting at the paper's -log(10 k)),
+    so the logit's threshold is 0 for every class: aligned."""
+    return _binary_terms(logits, targets, F.softplus(-(logits - scale * margin)), lam * F.softplus(logits),
+                         candidates)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "ce": ce,
     "max_margin": max_margin,
@@ -160,7 +279,15 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
     "nce": nce,
     "batch_ce": batch_ce,
     "batch_max_margin": batch_max_margin,
+    "z_loss": z_loss,
+    "smooth_top1": functools.partial(smooth_topk, top=1),
+    "smooth_top5": functools.partial(smooth_topk, top=5),
+    "cosface": cosface,
+    "arcface": arcface,
+    "sphereface2": sphereface2,
+    "uniface": uniface,
 }
+PAPER_LOSSES = ("ce", "max_margin", "bce", "self_norm", "nce", "batch_ce", "batch_max_margin")
 
 
 def _uniform_noise(class_counts: np.ndarray | None) -> Tensor | None:
@@ -182,9 +309,17 @@ NCE_NOISE: dict[str, Callable[[np.ndarray | None], Tensor | None]] = {
 }
 
 
+# The related losses' `train:` section, holding all of their hyper-parameters.
+SECTIONS = {"z_loss": "z_loss", "smooth_top1": "smooth_topk", "smooth_top5": "smooth_topk", "cosface": "cosface",
+            "arcface": "arcface", "sphereface2": "sphereface2", "uniface": "uniface"}
+NO_SAMPLED_FORM = {"smooth_top5"}
+
+
 def make_loss(name: str, cfg: TrainConfig, class_counts: np.ndarray | None = None,
               generator: torch.Generator | None = None) -> Loss:
     """LOSSES[name] with its keyword-only hyper-parameters bound from the `train:` params."""
+    if name in SECTIONS:
+        return functools.partial(LOSSES[name], **dataclasses.asdict(getattr(cfg, SECTIONS[name])))
     available = {
         "margin": lambda: cfg.margin,
         "alpha": lambda: cfg.self_norm_alpha,
@@ -198,11 +333,13 @@ def make_loss(name: str, cfg: TrainConfig, class_counts: np.ndarray | None = Non
 # The `train:` key behind each keyword-only loss hyper-parameter (generator is not a setting).
 _TRAIN_KEYS = {"margin": "margin", "alpha": "self_norm_alpha", "noise_samples": "nce_noise_samples",
                "noise_probs": "nce_noise"}
-LOSS_TRAIN_KEYS = frozenset(_TRAIN_KEYS.values())  # train keys that only some losses read
+LOSS_TRAIN_KEYS = frozenset(_TRAIN_KEYS.values()) | frozenset(SECTIONS.values())  # train keys only some losses read
 
 
 def train_keys_of(name: str) -> set[str]:
     """The loss-specific `train:` keys that loss `name` reads (e.g. max_margin: {"margin"})."""
+    if name in SECTIONS:
+        return {SECTIONS[name]}
     return {_TRAIN_KEYS[key] for key in _keyword_only(name) if key in _TRAIN_KEYS}
 
 
@@ -210,3 +347,42 @@ def _keyword_only(name: str) -> list[str]:
     """A loss's hyper-parameters (keyword-only), less `candidates`, which each step passes."""
     return [p.name for p in inspect.signature(LOSSES[name]).parameters.values()
             if p.kind is p.KEYWORD_ONLY and p.name != "candidates"]
+
+
+# --- The heads that the margin and unified-threshold losses are defined on ---
+
+def head_of(loss: str, model: ModelConfig, cfg: TrainConfig) -> ModelConfig:
+    """The model a run of `loss` trains: CosFace, ArcFace, SphereFace2 and UniFace are losses of a
+    cosine head at their own scale (`train.<loss>.scale`), whatever `model.head` says; every other
+    loss trains `model` as it is."""
+    if loss not in HEAD_BIASES:
+        return model
+    return dataclasses.replace(model, head="cosine", scale=getattr(cfg, SECTIONS[loss]).scale)
+
+
+def threshold_bias(scale: float, margin: float, lam: float, num_classes: int) -> float:
+    """SphereFace2's starting bias: where, with every cosine 0, the positive term's pull on b equals
+    the k - 1 negatives' (lam sigmoid(s m - b) = (1 - lam)(k - 1) sigmoid(s m + b)), solved for e^b."""
+    ratio, boost = lam / ((1 - lam) * max(num_classes - 1, 1)), math.exp(scale * margin)
+    linear = boost * (1 - ratio)  # the positive root of u^2 + linear u - ratio, without cancellation
+    return math.log(2 * ratio / (linear + math.sqrt(linear ** 2 + 4 * ratio)))
+
+
+# Per head loss: (the head's starting per-class bias, whether the bias trains) from its section and k.
+HEAD_BIASES: dict[str, Callable[[object, int], tuple[float, bool]]] = {
+    "cosface": lambda section, k: (0.0, False),  # the papers' heads have no bias
+    "arcface": lambda section, k: (0.0, False),  # and arcface reads cos(theta) as logit / s
+    "sphereface2": lambda section, k: (threshold_bias(section.scale, section.margin, section.lam, k), True),
+    "uniface": lambda section, k: (-math.log(10 * k), True),  # UniFace's head.py starts b at log(10 k)
+}
+
+
+def start_head_bias(head: torch.nn.Linear, loss: str, cfg: TrainConfig, num_classes: int, fresh: bool) -> None:
+    """Set a head loss's biases to their start (`fresh`: not when resuming) and freeze those that do not train."""
+    if loss not in HEAD_BIASES:
+        return
+    start, trains = HEAD_BIASES[loss](getattr(cfg, SECTIONS[loss]), num_classes)
+    if fresh:
+        with torch.no_grad():
+            head.bias.fill_(start)
+    head.bias.requires_grad_(trains)

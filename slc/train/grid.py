@@ -22,18 +22,18 @@ from ray import tune
 
 from slc.core import tracking
 from slc.core.closure import code_hashes
-from slc.core.config import ModelConfig, Params, RunConfig, TrainConfig, run_name
+from slc.core.config import ModelConfig, Params, TrainConfig, run_name
 from slc.core.errors import ConfigError
 from slc.core.records import RecordError, TrialRecord, read_trials, write_trials
 from slc.core.strict import from_dict
 from slc.data.prepared import PreparedData
-from slc.nn.losses import LOSS_TRAIN_KEYS, POLS_ALIGNED, train_keys_of
+from slc.nn.losses import LOSS_TRAIN_KEYS, POLS_ALIGNED, head_of, train_keys_of
 from slc.nn.models import build_model
 from slc.nn.pretrained import fetch_pretrained
 from slc.nn.trained import save_trained, trained_info
 from slc.train.checkpoints import CHECKPOINT_FILE
 from slc.train.ray_trial import DRIVER_CPUS, EPOCH_METRICS, connect, one_line, run_trial, worker_resources
-from slc.train.training import check_trainable, loader_workers
+from slc.train.training import check_trainable, loader_workers, run_of
 
 log = logging.getLogger(__name__)
 TRAIN_PARAMS = ("model", "train", "grid", "ray", "mlflow")  # the train stage's `params:` in dvc.yaml
@@ -86,8 +86,8 @@ class _Recorder(tune.Callback):
         """models/<run_name>/ from the trial's last checkpoint (written beside, then renamed), and
         the same model logged to the trial's MLflow run."""
         spec = config["trial"]
-        run = RunConfig(spec["loss"], spec["seed"], from_dict(ModelConfig, config["model"], "model"),
-                        from_dict(TrainConfig, config["train"], "train"))
+        run = run_of(spec["loss"], spec["seed"], from_dict(ModelConfig, config["model"], "model"),
+                     from_dict(TrainConfig, config["train"], "train"))
         model = build_model(run.model, self.data.input_shape, self.data.num_classes)
         state = torch.load(Path(checkpoint_path) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -146,7 +146,7 @@ def run_grid(params: Params, data_root: str | Path, models_dir: str | Path, resu
     a grid interrupted before every trial ended raises `GridInterrupted`."""
     data, models_dir, results = PreparedData(data_root), Path(models_dir), Path(results)
     for loss in params.grid.losses:  # refused here, before Ray starts, not in every trial
-        check_trainable(RunConfig(loss, params.grid.seeds[0], params.model, params.train), data)
+        check_trainable(run_of(loss, params.grid.seeds[0], params.model, params.train), data)
     fetch_pretrained(params.model)
     if params.train.candidates is not None and params.ray.num_workers > 1:
         raise ConfigError(f"train.candidates (sampled training) runs one Train worker a trial, but ray.num_workers = "
@@ -190,7 +190,8 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
                                  {"dataset": data.meta["dataset"], "model": params.model.name})
     trials = []
     for loss, seed, name, fingerprint in todo:
-        run_id = tracking.start_trial(uri, parent, name, {"loss": loss, "seed": seed, **common},
+        model = dataclasses.asdict(head_of(loss, params.model, params.train))
+        run_id = tracking.start_trial(uri, parent, name, {"loss": loss, "seed": seed, **common, "model": model},
                                       tracking.trial_tags(loss, loss in POLS_ALIGNED, data.meta["dataset"],
                                                           params.model.name))
         trials.append({"loss": loss, "seed": seed, "run_name": name, "mlflow_run_id": run_id,

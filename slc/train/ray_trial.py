@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from slc.core.config import ModelConfig, RayConfig, RunConfig, TrainConfig
+from slc.core.config import ModelConfig, RayConfig, TrainConfig
 from slc.core.errors import ConfigError
 from slc.core.strict import from_dict
 from slc.data.prepared import PreparedData
-from slc.train.training import EpochReport, train_one
+from slc.train.training import EpochReport, run_of, train_one
 
 DRIVER_CPUS = 0.01  # a Tune trial only waits on its TorchTrainer; Ray refuses 0
 EPOCH_METRICS = ("train_loss", "val_accuracy", "val_mean_auprc")
@@ -108,8 +108,8 @@ def _train_worker(config: dict) -> dict | None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(compute_threads(config["cpus"]))
 
-    run = RunConfig(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
-                    from_dict(TrainConfig, config["train"], "train"))
+    run = run_of(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
+                 from_dict(TrainConfig, config["train"], "train"))
     data, checkpoint, samplers, trained = PreparedData(config["data"]), get_checkpoint(), [], []
 
     def on_epoch(epoch: EpochReport) -> None:

@@ -24,13 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto, whose asyncio variant opens a second (unused) DataLoader iterator
 
-from slc.core.config import RunConfig, TrainConfig
+from slc.core.config import ModelConfig, RunConfig, TrainConfig
 from slc.core.errors import ConfigError
 from slc.core.sampling import class_sample
 from slc.data.prepared import PreparedData, PreparedSplit, check_augmentation
 from slc.evaluate.scoring import Head, score_classes
 from slc.nn.candidates import draw_candidates
-from slc.nn.losses import make_loss, train_keys_of
+from slc.nn.losses import NO_SAMPLED_FORM, head_of, make_loss, start_head_bias, train_keys_of
 from slc.nn.models import build_model, cosine_scale, predict_features
 from slc.nn.pretrained import load_pretrained
 from slc.train import checkpoints
@@ -91,6 +91,11 @@ def train_loader(split: PreparedSplit, batch_size: int, generator: torch.Generat
                       pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers else None)
 
 
+def run_of(loss: str, seed: int, model: ModelConfig, train: TrainConfig) -> RunConfig:
+    """The trial of `loss` and `seed`, with the model its loss trains (`slc.nn.losses.head_of`)."""
+    return RunConfig(loss, seed, head_of(loss, model, train), train)
+
+
 def check_trainable(config: RunConfig, data: PreparedData) -> None:
     """Refuse, before any work, settings that cannot train: a candidate count above k, a loss that
     has no sampled form for them, an augmentation the data cannot take, an unknown schedule, a head
@@ -104,6 +109,9 @@ def check_trainable(config: RunConfig, data: PreparedData) -> None:
         if config.loss == "nce" and cfg.nce_noise != "uniform":
             raise ConfigError("sampled nce draws its noise from the step's uniform candidates: set "
                               "train.nce_noise: uniform, or train.candidates: null for frequency noise")
+        if config.loss in NO_SAMPLED_FORM:
+            raise ConfigError(f"{config.loss} has no sampled form (its sum over k-subsets of classes has no log-q "
+                              f"correction): set train.candidates: null, or leave {config.loss} out of grid.losses")
         if cfg.weight_decay > 0:
             raise ConfigError("sampled training updates head rows lazily with a sparse optimizer, which has no "
                               "weight decay: set train.weight_decay: 0, or train.candidates: null")
@@ -189,6 +197,7 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
     model.to(device)
     head_init_s = state.get("head_init_s", 0.0) if state is not None else \
         class_mean_rows(model, data.split("train"), device, workers) if cfg.head_init == "class_mean" else 0.0
+    start_head_bias(model.head, config.loss, cfg, data.num_classes, fresh=state is None)
     optimizers = make_optimizers(model, cfg)
     model = wrap_model(model)
     loader = wrap_loader(train_loader(train_split, cfg.batch_size, generator, workers, device))

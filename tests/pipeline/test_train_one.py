@@ -151,6 +151,7 @@ def test_with_every_class_a_candidate_sampled_training_follows_exact_training(ti
     ("ce", {"candidates": 6}, "train.candidates = 6 is above the 5 classes"),
     ("nce", {"candidates": 2, "nce_noise": "frequency"}, "set train.nce_noise: uniform"),
     ("ce", {"candidates": 2, "weight_decay": 0.1}, "set train.weight_decay: 0"),
+    ("smooth_top5", {"candidates": 2}, "smooth_top5 has no sampled form .* set train.candidates: null"),
 ])
 def test_sampled_settings_that_cannot_train_are_refused_before_any_work(tiny, tmp_path, tiny_run, loss, train, message):
     with pytest.raises(ConfigError, match=message):
@@ -198,3 +199,19 @@ def test_a_margin_a_cosine_head_cannot_reach_is_refused_before_any_work(tiny, tm
     assert not list(tmp_path.iterdir()), "nothing was written"
     assert train_one(cosine(tiny_run("max_margin", epochs=1, margin=1.0)), tiny, tmp_path, progress=False).status \
         == "finished"
+
+
+@pytest.mark.parametrize("loss", ["cosface", "arcface", "sphereface2", "uniface"])
+def test_a_head_loss_trains_a_cosine_head_at_its_scale_with_its_papers_bias(tiny, tmp_path, tiny_run, loss):
+    """CosFace and ArcFace have no bias (held at 0); SphereFace2's and UniFace's threshold starts where
+    their papers start it and trains."""
+    plain = tiny_run(loss, epochs=2, head_init="class_mean")
+    run = training.run_of(loss, 0, plain.model, plain.train)
+    assert (run.model.head, run.model.scale) == ("cosine", getattr(plain.train, loss).scale)
+    assert training.run_of("ce", 0, plain.model, plain.train).model == plain.model
+    result = train_one(run, tiny, tmp_path, progress=False)
+    assert result.status == "finished" and result.history[-1].val_accuracy > 0.9
+    bias = result.model.head.bias.detach()
+    start, trains = losses.HEAD_BIASES[loss](getattr(plain.train, loss), tiny.num_classes)
+    assert trains == (loss in losses.POLS_ALIGNED)
+    assert (bias != start).all() if trains else not bias.any()

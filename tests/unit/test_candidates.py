@@ -8,13 +8,14 @@ import torch
 
 from slc.core.config import ModelConfig
 from slc.nn.candidates import draw_candidates, draw_uniform
-from slc.nn.losses import LOSSES, POLS_ALIGNED, make_loss
+from slc.nn.losses import LOSSES, NO_SAMPLED_FORM, make_loss
 from slc.nn.models import build_model
 from tests.conftest import repo_params
+from tests.unit.test_losses import SHIFT_INVARIANT
 
 CFG = dataclasses.replace(repo_params().train, margin=1.0, self_norm_alpha=0.1, nce_noise_samples=7,
                           nce_noise="uniform")
-NON_ALIGNED = set(LOSSES) - POLS_ALIGNED
+
 
 
 def batch(m=12, k=40, seed=0):
@@ -57,7 +58,7 @@ def sampled(name, z, y, n, seed=0):
     return loss(z[:, drawn.classes], drawn.targets, candidates=drawn), drawn
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"nce"}))
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"nce"} - NO_SAMPLED_FORM))
 def test_with_every_class_a_candidate_each_loss_is_its_exact_form(name):
     z, y = batch()
     exact = make_loss(name, CFG)(z, y)
@@ -92,15 +93,21 @@ def test_sampled_sums_and_partitions_are_unbiased_log_q_corrected_estimates(name
         np.testing.assert_allclose(torch.stack(totals).mean(0), torch.exp(z).sum(dim=1), rtol=0.05)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_loss_without_a_sampled_form_says_so():
+    z, y = batch()
+    with pytest.raises(ValueError, match="smooth_top5 has no sampled form: set train.candidates: null"):
+        sampled("smooth_top5", z, y, n=3)
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - NO_SAMPLED_FORM))
 def test_the_sampled_losses_keep_the_per_example_shift_property(name):
-    """ce and max_margin ignore a per-example shift also when sampled; the aligned losses do not."""
+    """The shift-invariant losses ignore a per-example shift also when sampled; the aligned ones do not."""
     z, y = batch(k=200)
     shift = torch.tensor(np.random.default_rng(1).normal(0, 3, size=(z.shape[0], 1)))
     drawn = draw_candidates(y, 200, 20, torch.Generator().manual_seed(0))
     loss = lambda logits: make_loss(name, CFG)(logits[:, drawn.classes], drawn.targets, candidates=drawn)
     unchanged = torch.isclose(loss(z), loss(z + shift), rtol=0, atol=1e-9).item()
-    assert unchanged == (name in NON_ALIGNED)
+    assert unchanged == (name in SHIFT_INVARIANT)
 
 
 def test_the_candidate_logits_are_the_full_models_columns():

@@ -1,21 +1,25 @@
-"""The seven losses against the paper's definitions, and the properties that make its point.
+"""The losses against their papers' definitions, and the properties that make the paper's point.
 
 References are written here from the definitions in plain numpy (float64, loops where that is
 clearer); gradients are checked against central finite differences of those references.
 """
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from slc.nn.losses import LOSSES, POLS_ALIGNED, make_loss
+from slc.nn.losses import LOSSES, PAPER_LOSSES, POLS_ALIGNED, make_loss
 from tests.conftest import repo_params
 
 CFG = dataclasses.replace(repo_params().train, margin=1.0, self_norm_alpha=0.1,
                           nce_noise_samples=7, nce_noise="uniform")
 NON_ALIGNED = set(LOSSES) - POLS_ALIGNED
+# ArcFace reads its true logit as s cos(theta), so a shift changes the angle it adds its margin to: it is
+# non-aligned (a softmax over one example's logits, ce when m = 0) without being shift-invariant.
+SHIFT_INVARIANT = NON_ALIGNED - {"arcface"}
 
 
 def logsumexp(v: np.ndarray) -> float:
@@ -75,8 +79,61 @@ def ref_batch_max_margin(z, y, margin, **_):
     return ref_max_margin(z, y, margin) + max(0.0, margin - min_true + max_false) / m
 
 
+def softplus(x):
+    return float(np.logaddexp(0.0, x))
+
+
+def ref_z_loss(z, y, **_):
+    a, b = CFG.z_loss.a, CFG.z_loss.b
+    standardised = [(z[i, y[i]] - z[i].mean()) / z[i].std() for i in range(len(y))]
+    return np.mean([softplus(a * (b - t)) / a for t in standardised])
+
+
+def ref_smooth_topk(z, y, top):
+    """Berrada et al.'s eq. 8 by enumerating every k-subset of the classes."""
+    alpha, tau = CFG.smooth_topk.alpha, CFG.smooth_topk.tau
+    terms = []
+    for i in range(len(y)):
+        subsets = list(itertools.combinations(range(z.shape[1]), top))
+        every = np.array([(alpha * (y[i] not in s) + z[i, list(s)].mean()) / tau for s in subsets])
+        with_y = np.array([z[i, list(s)].mean() / tau for s in subsets if y[i] in s])
+        terms.append(tau * logsumexp(every) - tau * logsumexp(with_y))
+    return np.mean(terms)
+
+
+def ref_cosface(z, y, **_):
+    shifted = z.copy()
+    shifted[np.arange(len(y)), y] -= CFG.cosface.scale * CFG.cosface.margin
+    return ref_ce(shifted, y)
+
+
+def ref_arcface(z, y, **_):
+    s, m = CFG.arcface.scale, CFG.arcface.margin
+    changed = z.copy()
+    for i in range(len(y)):
+        theta = math.acos(z[i, y[i]] / s)
+        changed[i, y[i]] = s * (math.cos(theta + m) if theta + m < math.pi else math.cos(theta) - m * math.sin(m))
+    return ref_ce(changed, y)
+
+
+def ref_sphereface2(z, y, **_):
+    s, m, lam = CFG.sphereface2.scale, CFG.sphereface2.margin, CFG.sphereface2.lam
+    return np.mean([lam / s * softplus(-(z[i, y[i]] - s * m))
+                    + sum((1 - lam) / s * softplus(z[i, j] + s * m) for j in range(z.shape[1]) if j != y[i])
+                    for i in range(len(y))])
+
+
+def ref_uniface(z, y, **_):
+    s, m, lam = CFG.uniface.scale, CFG.uniface.margin, CFG.uniface.lam
+    return np.mean([softplus(-(z[i, y[i]] - s * m)) + lam * sum(softplus(z[i, j]) for j in range(z.shape[1]) if j != y[i])
+                    for i in range(len(y))])
+
+
 REFERENCES = {"ce": ref_ce, "max_margin": ref_max_margin, "bce": ref_bce, "self_norm": ref_self_norm,
-              "nce": ref_nce, "batch_ce": ref_batch_ce, "batch_max_margin": ref_batch_max_margin}
+              "nce": ref_nce, "batch_ce": ref_batch_ce, "batch_max_margin": ref_batch_max_margin,
+              "z_loss": ref_z_loss, "smooth_top1": lambda z, y, **_: ref_smooth_topk(z, y, 1),
+              "smooth_top5": lambda z, y, **_: ref_smooth_topk(z, y, 5), "cosface": ref_cosface,
+              "arcface": ref_arcface, "sphereface2": ref_sphereface2, "uniface": ref_uniface}
 
 
 def seeded(seed=0):
@@ -104,7 +161,7 @@ def reference(name, z, y, cfg=CFG, class_counts=None):
     return REFERENCES[name](z, y, margin=cfg.margin, alpha=cfg.self_norm_alpha, noise=noise, log_nq=log_nq)
 
 
-def random_batch(m=6, k=5, scale=2.0, seed=0):
+def random_batch(m=6, k=7, scale=2.0, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(0, scale, size=(m, k)), rng.integers(0, k, size=m)
 
@@ -118,9 +175,11 @@ def finite_difference_grad(f, z, h=1e-6):
     return grad
 
 
-def test_the_registry_holds_the_seven_losses_of_the_paper():
-    assert set(LOSSES) == {"ce", "max_margin", "bce", "self_norm", "nce", "batch_ce", "batch_max_margin"}
-    assert POLS_ALIGNED == {"bce", "self_norm", "nce", "batch_ce", "batch_max_margin"}
+def test_the_registry_holds_the_papers_seven_losses_and_the_related_works():
+    assert PAPER_LOSSES == ("ce", "max_margin", "bce", "self_norm", "nce", "batch_ce", "batch_max_margin")
+    assert set(LOSSES) == {*PAPER_LOSSES, "z_loss", "smooth_top1", "smooth_top5", "cosface", "arcface",
+                           "sphereface2", "uniface"}
+    assert POLS_ALIGNED == {"bce", "self_norm", "nce", "batch_ce", "batch_max_margin", "sphereface2", "uniface"}
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -138,7 +197,7 @@ def test_value_and_gradient_match_the_definition(name, seed):
 
 def test_nce_with_frequency_noise_matches_the_definition():
     cfg = dataclasses.replace(CFG, nce_noise="frequency")
-    counts = np.array([50.0, 5.0, 20.0, 0.0, 10.0])
+    counts = np.array([50.0, 5.0, 20.0, 0.0, 10.0, 3.0, 8.0])
     z, y = random_batch()
     value = bound("nce", cfg, counts)(torch.tensor(z), torch.tensor(y))
     assert value.item() == pytest.approx(reference("nce", z, y, cfg, counts), abs=1e-5)
@@ -165,12 +224,26 @@ def test_hyper_parameters_come_from_the_train_config():
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_only_the_non_aligned_losses_ignore_a_per_example_shift(name):
-    """Adding c_i to every logit of example i: ce and max_margin cannot see it, the aligned losses do."""
+    """Adding c_i to every logit of example i: ce, max_margin, z_loss, the smooth top-k losses and
+    cosface cannot see it (so nothing in them places an example's logits against another's), the
+    aligned losses do."""
     z, y = (torch.tensor(a) for a in random_batch())
     shift = torch.tensor(np.random.default_rng(1).normal(0, 3, size=(z.shape[0], 1)))
     loss = bound(name)
     unchanged = torch.isclose(loss(z, y), loss(z + shift, y), rtol=0, atol=1e-9).item()
-    assert unchanged == (name in NON_ALIGNED)
+    assert unchanged == (name in SHIFT_INVARIANT)
+
+
+def test_z_loss_also_ignores_a_per_example_scale():
+    z, y = (torch.tensor(a) for a in random_batch())
+    scale = torch.tensor(np.random.default_rng(1).uniform(0.2, 5, size=(z.shape[0], 1)))
+    assert torch.isclose(bound("z_loss")(z, y), bound("z_loss")(z * scale, y), rtol=0, atol=1e-9)
+
+
+def test_arcface_without_its_margin_is_ce_a_softmax_within_each_example():
+    z, y = (torch.tensor(a) for a in random_batch())
+    cfg = dataclasses.replace(CFG, arcface=dataclasses.replace(CFG.arcface, margin=0.0))
+    torch.testing.assert_close(make_loss("arcface", cfg)(z, y), make_loss("ce", CFG)(z, y))
 
 
 def optimise_free_logits(name, m=40, k=5, steps=1000, lr=0.1):
@@ -199,10 +272,11 @@ def logit_separation(z, y) -> float:
     return (z[true].min() - z[~true].max()).item()
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"arcface"}))  # free logits leave arcface's [-s, s]
 def test_aligned_losses_separate_every_true_logit_from_every_false_logit(name):
     z, y = optimise_free_logits(name)
-    assert (z.argmax(dim=1) == y).all(), "every example classified correctly, whatever the loss"
+    top = 5 if name == "smooth_top5" else 1
+    assert (z.topk(top, dim=1).indices == y[:, None]).any(1).all(), "every example right, whatever the loss"
     assert (logit_separation(z, y) > 0) == (name in POLS_ALIGNED)
 
 

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from slc.evaluate.table1 import error_names, errors_markdown, table1_markdown
+from slc.evaluate.table1 import error_names, errors_markdown, paper_means, table1_markdown
 from slc.nn.losses import POLS_ALIGNED
 
 SLC = json.loads((Path(__file__).resolve().parents[1] / "fixtures/earlier_run/metrics/slc.json").read_text())
@@ -56,3 +56,18 @@ def test_the_settings_say_when_errors_are_over_a_sample_of_classes():
     assert "a seeded sample of 1,000 of the 400,000 classes" in table1_markdown(SLC, sampled, [], POLS_ALIGNED)
     every = {**SETTINGS, "num_classes": 10, "scored_classes": 10}
     assert "averaged over classes;" in table1_markdown(SLC, every, [], POLS_ALIGNED)
+
+
+def test_the_related_losses_stand_beside_the_paper_means_which_stay_over_the_seven():
+    related = {**SLC, "losses": {**SLC["losses"], "cosface": SLC["losses"]["ce"], "uniface": SLC["losses"]["bce"]}}
+    text = errors_markdown(related, error_names([0.9, 0.99]), POLS_ALIGNED, None)
+    table = rows(text)
+    assert table["cosface (cosine head)"][0] == "no" and table["uniface (cosine head)"][0] == "yes"
+    assert "The means are over the paper's losses in the grid" in text and "cosface, uniface" in text
+    assert "The means are over" not in errors_markdown(SLC, error_names([0.9, 0.99]), POLS_ALIGNED, None)
+
+
+def test_the_summary_averages_the_papers_losses_when_it_has_both_kinds_else_every_loss():
+    means = {"ce": 1, "bce": 2, "uniface": 3, "cosface": 4}
+    assert set(paper_means(means, POLS_ALIGNED)) == {"ce", "bce"}
+    assert set(paper_means({"ce": 1, "uniface": 3, "cosface": 4}, POLS_ALIGNED)) == {"ce", "uniface", "cosface"}
