@@ -118,6 +118,7 @@ class TrainConfig:
     amp: bool
     loader_workers: int | None
     head_init: str
+    head_init_per_class: int | None
     head_lr: float | None
     z_loss: ZLossConfig
     smooth_topk: SmoothTopKConfig
@@ -145,6 +146,8 @@ class TrainConfig:
             require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive number")
         require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs,
                  f"0 or more epochs, fewer than train.epochs ({self.epochs})")
+        require(self.head_init_per_class is None or self.head_init_per_class >= 1, "train.head_init_per_class",
+                self.head_init_per_class, "null (every training image) or a number of images per class >= 1")
         require(self.head_lr is None or self.head_lr > 0, "train.head_lr", self.head_lr,
                  "null (train.lr) or a positive learning rate for the head's rows")
         require(self.loader_workers is None or self.loader_workers >= 0, "train.loader_workers",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm  # not tqdm.auto, whose asyncio variant opens a second (unused) DataLoader iterator
 
 from slc.data.prepared import PreparedSplit
@@ -26,12 +27,16 @@ BATCH = 1024  # images per forward pass
 
 @torch.inference_mode()
 def class_mean_rows(model: SLCNet, split: PreparedSplit, device: torch.device | str = "cpu",
-                    workers: int = 0) -> float:
-    """Set each row to the mean of its class's `model.features` over `split` and every bias to 0;
-    returns the seconds it took. The features are summed batch by batch (k x d, never n x d: 4 M
-    images would be 4 GB). A cosine head's features are unit vectors, so its row points at their mean
-    direction. A class with no image in `split` keeps its random row, and a warning names it."""
+                    workers: int = 0, per_class: int | None = None) -> float:
+    """Set each row to the mean of its class's `model.features` over `split` (its first `per_class`
+    images of each class, or all) and every bias to 0; returns the seconds it took. The features are
+    summed batch by batch (k x d, never n x d: 4 M images would be 4 GB). A cosine head's features are
+    unit vectors, so its row points at their mean direction. A class with no image in `split` keeps its
+    random row, and a warning names it. A few images a class give most of the mean: at 400,000 classes,
+    5 of the 20 take a quarter of the pass."""
     started = time.perf_counter()
+    if per_class is not None:
+        split = Subset(split, first_of_each_class(split.labels, per_class).tolist())
     was_training = model.training
     model.eval()
     weight = model.head.weight
@@ -52,3 +57,11 @@ def class_mean_rows(model: SLCNet, split: PreparedSplit, device: torch.device | 
                     ", ..." if len(unseen) > 10 else "")
     model.train(was_training)
     return time.perf_counter() - started
+
+
+def first_of_each_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """The positions of each class's first `per_class` images (all of a class that has fewer), in order."""
+    order = np.argsort(np.asarray(labels), kind="stable")
+    ordered = np.asarray(labels)[order]
+    starts = np.searchsorted(ordered, ordered, side="left")  # where each image's class begins in `order`
+    return np.sort(order[np.arange(len(order)) - starts < per_class])

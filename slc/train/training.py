@@ -196,7 +196,8 @@ def train_one(config: RunConfig, data: PreparedData, workdir: str | Path, *,
         load_pretrained(model, config.model, data.meta["normalisation"])
     model.to(device)
     head_init_s = state.get("head_init_s", 0.0) if state is not None else \
-        class_mean_rows(model, data.split("train"), device, workers) if cfg.head_init == "class_mean" else 0.0
+        class_mean_rows(model, data.split("train"), device, workers, cfg.head_init_per_class) \
+        if cfg.head_init == "class_mean" else 0.0
     start_head_bias(model.head, config.loss, cfg, data.num_classes, fresh=state is None)
     optimizers = make_optimizers(model, cfg)
     model = wrap_model(model)

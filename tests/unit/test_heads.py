@@ -14,7 +14,7 @@ from slc.evaluate.scoring import Head, logits_of
 from slc.nn.candidates import draw_candidates
 from slc.nn.losses import make_loss
 from slc.nn.models import build_model, cosine_scale
-from slc.train.head_init import class_mean_rows
+from slc.train.head_init import class_mean_rows, first_of_each_class
 from slc.train.optim import RowAdam, make_optimizers
 from tests.conftest import repo_params
 
@@ -100,6 +100,19 @@ def test_class_mean_rows_are_each_classes_mean_feature_and_an_absent_class_keeps
         torch.testing.assert_close(model.head.weight[c].detach(), features[labels == c].mean(0))
     assert torch.equal(model.head.weight[5].detach(), random_row) and not model.head.bias.any()
     assert "1 of 6 classes have no training image (5); their rows keep their random start" in caplog.text
+
+
+def test_class_mean_rows_over_a_few_images_a_class_take_each_classes_first_ones():
+    torch.manual_seed(0)
+    model = build_model(COSINE, (1, 4, 4), 4)
+    labels = torch.tensor([2, 0, 2, 1, 0, 2, 0, 2, 1, 0])
+    images = torch.randn(10, 1, 4, 4)
+    assert first_of_each_class(labels.numpy(), 2).tolist() == [0, 1, 2, 3, 4, 8]
+    class_mean_rows(model, Labelled(images, labels), per_class=2)
+    with torch.no_grad():
+        features = model.features(images)
+    for c, first in [(0, [1, 4]), (1, [3, 8]), (2, [0, 2])]:
+        torch.testing.assert_close(model.head.weight[c].detach(), features[first].mean(0))
 
 
 def test_class_mean_rows_rank_each_class_first_on_well_separated_data():
