@@ -49,11 +49,9 @@ def connect(cfg: RayConfig) -> dict[str, float]:
         if address:
             ray.init(address=address)  # Ray's own lines say which cluster, and are the cluster owner's to tune
         else:
-            # "local": a new instance even when a stale `ray start` left its address behind; no dashboard
-            # (MLflow is this product's UI), whose processes took a quarter of a core on the 2-core machine
+            # "local": a new instance even when a stale `ray start` left its address behind
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), logging_level=logging.WARNING,
-                     logging_config=QUIET_WORKERS, runtime_env={"env_vars": LOCAL_CLUSTER_ENV},
-                     include_dashboard=False)
+                     logging_config=QUIET_WORKERS, runtime_env={"env_vars": LOCAL_CLUSTER_ENV})
     return ray.cluster_resources()
 
 
