@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def preset_params(name: str, params_path: Path = Path("params.yaml")) -> Params:
 
 def dvc_command(name: str) -> list[str]:
     """`dvc exp run --name <name> -S key=value ...`; values in YAML flow style, as `-S` parses them."""
-    sets = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    sets = [f"{key}={yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix('...').strip()}"
             for key, value in PRESETS[name].items()]
     return ["dvc", "exp", "run", "--name", name, *[arg for s in sets for arg in ("-S", s)]]
 

@@ -36,6 +36,7 @@ def test_the_dvc_command_sets_what_the_preset_says(name):
     pairs = [arg.split("=", 1) for arg in command[6::2]]
     assert command[5::2] == ["-S"] * len(pairs)
     assert {key: yaml.safe_load(value) for key, value in pairs} == PRESETS[name]
+    assert not [value for _, value in pairs if "\n" in value], "dvc's -S parser takes one line per value"
 
 
 def test_the_readme_documents_every_preset():
