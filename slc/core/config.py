@@ -214,6 +214,7 @@ class ExportConfig:
     classes: str | int | list[int]
     opset: int
     verify_atol: float
+    verify_rtol: float
     verify_images: int
     verify_classes: int
     registered_model: str | None
@@ -228,6 +229,8 @@ class ExportConfig:
                  "a count of classes to sample (e.g. 32), a list of class ids, 'all' or 'none'")
         require(self.opset >= 18, "export.opset", self.opset, "18 or newer (torch.onnx.export's dynamo exporter)")
         require(self.verify_atol > 0, "export.verify_atol", self.verify_atol, "a positive tolerance, e.g. 1e-4")
+        require(0 <= self.verify_rtol < 1, "export.verify_rtol", self.verify_rtol,
+                "a tolerance per unit of |logit| in [0, 1), e.g. 1e-5")
         require(self.verify_images >= 2, "export.verify_images", self.verify_images,
                  "at least 2 (files are checked on batch 1 and on a larger batch)")
         require(self.verify_classes >= 2, "export.verify_classes", self.verify_classes,

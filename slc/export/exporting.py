@@ -104,7 +104,7 @@ def _check_thresholds(thresholds: dict[str, list[float]] | None, k: int, run: st
 
 def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[str, list[float]] | None,
                  images: torch.Tensor, *, opset: int = 18, classes: str | int | list[int] = "all",
-                 atol: float = 1e-4, verify_classes: int = 64, signing_key: Path | None = None) -> Manifest:
+                 atol: float = 1e-4, rtol: float = 1e-5, verify_classes: int = 64, signing_key: Path | None = None) -> Manifest:
     """Write and verify exports/<run_name>/ atomically (a temp folder renamed into place, so a
     failed export leaves the previous one, or nothing), signed with `signing_key` when one is given
     (model.sig: serving.signing); returns the manifest."""
@@ -122,7 +122,7 @@ def export_model(model: nn.Module, out_dir: Path, info: dict, thresholds: dict[s
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the export unreadable to a serving user
     try:
         models = write_models(model, tmp, info["input_shape"], opset, class_ids)
-        diffs = verify_export(model, tmp, models, images.float(), atol, verified_classes(k, verify_classes))
+        diffs = verify_export(model, tmp, models, images.float(), atol, verified_classes(k, verify_classes), rtol)
         draft = {"format_version": FORMAT_VERSION, "run_name": info["run_name"], "loss": info["loss"],
                  "dataset": info["dataset"], "class_names": list(info["class_names"]), "num_classes": k,
                  "feature_dim": d, "input": {"name": "image", "shape": list(info["input_shape"]), "dtype": "float32"},
@@ -184,7 +184,7 @@ def export_runs(cfg: ExportConfig, models_dir: Path, thresholds_path: Path, data
         images = verification_images(data, info, cfg.verify_images)
         info = {"pixel_scale": data.meta["pixel_scale"], **info}
         manifests[run] = export_model(model, Path(out_dir) / run, info, thresholds[run], images,
-                                      opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol,
+                                      opset=cfg.opset, classes=cfg.classes, atol=cfg.verify_atol, rtol=cfg.verify_rtol,
                                       verify_classes=cfg.verify_classes,
                                       signing_key=configured_key(cfg.signing_key, SIGNING_KEY_ENV))
         costs[run] = export_cost(manifests[run], Path(out_dir) / run, time.perf_counter() - start, cfg.verify_classes)

@@ -210,6 +210,21 @@ def test_a_file_that_disagrees_with_pytorch_fails_naming_it_and_keeps_the_old_ex
     assert [p.name for p in out.parent.iterdir()] == [out.name], "temp folder left behind"
 
 
+def test_the_tolerance_grows_with_the_logits_size_as_in_numpys_allclose(tmp_path, monkeypatch):
+    model, shape = tiny_model()
+    with torch.no_grad():
+        model.head.bias += 1000.0  # logits of about a thousand, as a cosine head's at a large scale
+
+    def shifted_head(out_dir, weight, bias, **kwargs):  # off by 0.005: 5e-6 of a logit, 50x atol
+        return write_single_logit(out_dir, weight, bias + 0.005, **kwargs)
+    monkeypatch.setattr(exporting, "write_single_logit", shifted_head)
+    manifest = export_model(model, tmp_path / "ok", info_for(shape), None, images(shape), classes="none",
+                            atol=1e-4, rtol=1e-5)
+    assert manifest.max_abs_diff["model.onnx"] == pytest.approx(0.005, rel=0.05)
+    with pytest.raises(ExportError, match=r"model\.onnx differs from PyTorch by 0\.005 .*verify_rtol = 0 "):
+        export_model(model, tmp_path / "refused", info_for(shape), None, images(shape), classes="none", atol=1e-4, rtol=0)
+
+
 # ---------- read_manifest refuses what was changed ----------
 
 def test_a_truncated_file_is_refused(mlp_copy):
