@@ -10,6 +10,10 @@ class ExportError(RuntimeError):
     """An export directory that is missing, incomplete, tampered with or not loadable."""
 
 
+class IndexFileError(ExportError):
+    """A search index that is missing, truncated, corrupt or made with another export's backbone and head."""
+
+
 class SetupError(RuntimeError):
     """A server that cannot start as configured (an empty or unreadable token, two exports of one run)."""
 

@@ -1,0 +1,134 @@
+"""`slc index build`: the features of every image of a source, computed once through the export's
+backbone, batch by batch, into a search index (serving.search), a chunk at a time.
+
+A source is a folder of PNG/JPEG images (every one below it, in path order; the paths are kept), or
+an .npy/.npz file of images with the image axis first (uint8 (N, H, W[, C]) or (N, C, H, W), or
+normalised float32 (N, C, H, W)), such as a prepared split's data/prepared/<split>_images.npy.
+Each chunk is committed as a segment (serving.index_store) before the next is read, so a build that
+stops keeps what it indexed, and the same command run again goes on from there.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from serving import index_store as store
+from serving.errors import IndexFileError, InputError
+from serving.features import Backbone, HeadRows, bound_files
+from serving.images import decode
+from serving.index_store import IndexManifest
+from serving.model import SingleLogitModel
+from serving.search import check_bound
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Images to index: `read(start, stop)` gives those images (a list of parts, each one image or a
+    batch that SingleLogitModel.prepare takes) and their paths (None for arrays)."""
+    path: Path
+    count: int
+    read: Callable[[int, int], tuple[list, list[str] | None]]
+
+
+def open_source(source: str | Path) -> Source:
+    path = Path(source).resolve()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise InputError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} image: give a folder of images, or an "
+                             f".npy/.npz file of them")
+        return Source(path, len(files), lambda a, b: ([_decoded(f) for f in files[a:b]], [os.fspath(f) for f in files[a:b]]))
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r")  # a prepared split need not fit in memory
+    elif path.suffix == ".npz":
+        with np.load(path) as arrays:
+            if "images" not in arrays and len(arrays.files) != 1:
+                raise InputError(f"{source} holds the arrays {', '.join(arrays.files)}: name the images `images`")
+            array = arrays["images" if "images" in arrays else arrays.files[0]]
+    elif path.exists():
+        raise InputError(f"{source} is neither a folder nor an .npy/.npz file: give a folder of images or an array file")
+    else:
+        raise InputError(f"{source} does not exist: give a folder of images or an .npy/.npz file of them")
+    if array.ndim < 3:
+        raise InputError(f"{source} holds an array of shape {array.shape}: give a batch, images first (N, H, W[, C])")
+    return Source(path, len(array), lambda a, b: ([array[a:b]], None))
+
+
+def _decoded(path: Path) -> np.ndarray:
+    try:
+        return decode(path.read_bytes(), os.fspath(path))
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}") from None
+
+
+def build(export_dir: str | Path, source: str | Path, out_dir: str | Path, *, index: str = "flat",
+          batch_size: int = 256, chunk_images: int = 8192, threads: int | None = None, **load) -> IndexManifest:
+    """Index every image of `source` into `out_dir` (`index`: "flat", exact, or "sq8", a byte a feature),
+    `batch_size` images per backbone call, a segment every `chunk_images`; resumes a build of the same
+    source through the same export. `load`: SingleLogitModel.load's options (providers, public_key)."""
+    if index not in store.KINDS:
+        raise InputError(f"unknown index {index!r}: choose one of {', '.join(store.KINDS)}")
+    for name, value in (("batch_size", batch_size), ("chunk_images", chunk_images)):
+        if value < 1:
+            raise InputError(f"{name} = {value}: give a positive number of images")
+    model = SingleLogitModel.load(export_dir, **load)
+    backbone = Backbone(model.export_dir, model.manifest, model.providers, threads)
+    files = bound_files(model.manifest, backbone, HeadRows(model.export_dir, model.manifest), model.export_dir)
+    images = open_source(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with store.writer_lock(out_dir):
+        manifest = _begin(out_dir, index, model, files, images)
+        template = _template(out_dir, manifest)
+        done = manifest.build["indexed"]
+        with tqdm(total=images.count, initial=done, unit="image", desc=f"index {out_dir.name}", disable=None) as bar:
+            for start in range(done, images.count, chunk_images):
+                stop = min(start + chunk_images, images.count)
+                features, paths = [], []
+                for first in range(start, stop, batch_size):
+                    parts, names = images.read(first, min(first + batch_size, stop))
+                    features.append(backbone.features(np.concatenate([model.prepare(part) for part in parts])))
+                    paths = None if names is None else paths + names
+                    bar.update(min(first + batch_size, stop) - first)
+                features = np.concatenate(features)
+                if template is None:  # sq8 learns each feature's range on the first chunk
+                    template = store.KINDS[index](len(features[0]))
+                    template.train(features)
+                segment = store.write_segment(out_dir, manifest, template, features, paths)
+                manifest = manifest.with_segment(segment, indexed=stop)
+                store.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _begin(out_dir: Path, kind: str, model: SingleLogitModel, files: dict[str, str], images: Source) -> IndexManifest:
+    """The manifest of a new build, or of the one to resume, which must be of the same source, kind and export."""
+    if not (out_dir / store.MANIFEST).exists():
+        manifest = IndexManifest(store.FORMAT_VERSION, kind, model.manifest.feature_dim,
+                                 {"dir": os.fspath(model.export_dir.resolve()), "run_name": model.run_name, "files": files},
+                                 {"source": os.fspath(images.path), "images": images.count, "indexed": 0}, [])
+        store.write_manifest(out_dir, manifest)
+        return manifest
+    manifest = store.read_manifest(out_dir)
+    check_bound(manifest, files, model.export_dir, out_dir)
+    if (manifest.kind, manifest.build["source"], manifest.build["images"]) != (kind, os.fspath(images.path), images.count):
+        raise IndexFileError(f"{out_dir} holds a {manifest.kind} index of {manifest.build['source']} "
+                             f"({manifest.build['images']} images), not a {kind} index of {images.path} ({images.count}): "
+                             f"run that build again to resume it, or build into another --out")
+    return manifest
+
+
+def _template(out_dir: Path, manifest: IndexManifest) -> faiss.Index | None:
+    """The empty index new segments copy: sq8's, trained, from the first segment; None until there is one."""
+    if manifest.segments:
+        template = store.read_segment(out_dir, manifest.segments[0])[0]
+        template.reset()
+        return template
+    return None if manifest.kind == "sq8" else store.KINDS[manifest.kind](manifest.feature_dim)
