@@ -2,6 +2,9 @@
 
     slc score EXPORT_DIR --class 3 shirt.png boot.jpg batch.npy [--json]
     slc info EXPORT_DIR [--json]
+    slc index build EXPORT_DIR SOURCE --out DIR [--index flat|sq8] [--batch-size N] [--chunk-images N]
+    slc index add DIR image.png batch.npy ...
+    slc search DIR --class C [--recall 0.9 | --threshold T] [--limit N] [--offset N] [--json]
     slc serve EXPORT_DIR [EXPORT_DIR ...] [--default-run RUN] [--host 127.0.0.1] [--port 8000] [--max-batch 256]
               [--request-threads N] [--onnx-threads N] [--batch-wait-ms MS] [--token-file PATH]
               [--max-header-bytes 16384] [--max-headers 100] [--request-timeout-s 60]
@@ -91,10 +94,44 @@ def parser() -> argparse.ArgumentParser:
     for command in (score, info, serve):
         command.add_argument("--graph", default="single_logit", choices=list(GRAPHS),
                              help="single_logit.onnx (default) or the full model.onnx")
+    for command in (score, info, serve, *search_parsers(commands)):
         command.add_argument("--public-key", default=None, metavar="PEM",
                              help=f"refuse an export this elliptic-curve public key's private key did not sign "
                                   f"as it is ({PUBLIC_KEY_ENV} wins over it; default: signatures are not checked)")
     return top
+
+
+def search_parsers(commands) -> list[argparse.ArgumentParser]:
+    """`slc index build|add` and `slc search` (serving.search): find every stored image of a class."""
+    index = commands.add_parser("index", help="build or add to an image search index of an export's features")
+    steps = index.add_subparsers(dest="step", required=True)
+    build = steps.add_parser("build", help="index every image of SOURCE (resumes a stopped build)")
+    build.add_argument("export_dir", type=Path)
+    build.add_argument("source", type=Path, help="a folder of PNG/JPEG images, or an .npy/.npz of images (N first), "
+                                                 "such as data/prepared/test_images.npy")
+    build.add_argument("--out", type=Path, required=True, help="the index directory")
+    build.add_argument("--index", default="flat", choices=["flat", "sq8"],
+                       help="flat: exact float32 features (default); sq8: a byte a feature, logits approximate")
+    build.add_argument("--batch-size", type=positive, default=256, help="images per backbone call")
+    build.add_argument("--chunk-images", type=positive, default=8192,
+                       help="images committed at a time: what a stopped build keeps")
+    build.set_defaults(run=run_index_build)
+    add = steps.add_parser("add", help="add images to an index, all or none; searchable when it returns")
+    add.add_argument("index_dir", type=Path)
+    add.add_argument("images", nargs="+", type=Path, help="PNG/JPEG images or .npy arrays of images")
+    add.set_defaults(run=run_index_add)
+    search = commands.add_parser("search", help="every indexed image whose logit for a class reaches a threshold")
+    search.add_argument("index_dir", type=Path)
+    search.add_argument("--class", dest="class_", required=True, metavar="C", help="class id (0..k-1) or exact name")
+    rule = search.add_mutually_exclusive_group()
+    rule.add_argument("--recall", type=float, default=None, help="the class's threshold calibrated for this recall")
+    rule.add_argument("--threshold", type=float, default=None, help="a logit threshold of your own")
+    search.add_argument("--limit", type=positive, default=None,
+                        help="at most N images (alone: the N best, whatever their logits)")
+    search.add_argument("--offset", type=int, default=0, help="skip the N best first (paging)")
+    search.add_argument("--json", action="store_true", help="print one JSON object for machines")
+    search.set_defaults(run=run_search)
+    return [build, add, search]
 
 
 def positive(text: str) -> int:
@@ -130,17 +167,8 @@ def public_key(args) -> Path | None:
 def run_score(args) -> int:
     model = SingleLogitModel.load(args.export_dir, graph=args.graph, public_key=public_key(args))
     class_id = class_id_of(model, args.class_)
-    names, parts = [], []
-    for path in args.images:
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise InputError(f"cannot read {path}: {error.strerror}") from None
-        part = model.prepare(decode(data, str(path), model.input_shape[1:]))
-        names += [str(path)] if len(part) == 1 else [f"{path}[{i}]" for i in range(len(part))]
-        parts.append(part)
-    result = model.classify(np.concatenate(parts), class_id,
-                            model.default_recall if args.recall is None else args.recall)
+    images, names = read_images(model, args.images)
+    result = model.classify(images, class_id, model.default_recall if args.recall is None else args.recall)
     threshold = None if np.isnan(result.thresholds[0]) else float(result.thresholds[0])
     decisions = result.decisions.tolist() if threshold is not None else [None] * len(names)
     report = {"run_name": model.run_name, "class_id": class_id, "class_name": model.class_names[class_id],
@@ -149,6 +177,64 @@ def run_score(args) -> int:
                           for name, logit, decision in zip(names, result.logits, decisions)]}
     print(json.dumps(report, indent=2) if args.json else _score_text(report))
     return 0
+
+
+def read_images(model: SingleLogitModel, paths: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """Image files and .npy batches -> one network input batch and a name per image (`batch.npy[3]`)."""
+    names, parts = [], []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise InputError(f"cannot read {path}: {error.strerror}") from None
+        part = model.prepare(decode(data, str(path), model.input_shape[1:]))
+        names += [str(path)] if len(part) == 1 else [f"{path}[{i}]" for i in range(len(part))]
+        parts.append(part)
+    return np.concatenate(parts), names
+
+
+def run_index_build(args) -> int:
+    from serving.index_build import build
+
+    manifest = build(args.export_dir, args.source, args.out, index=args.index, batch_size=args.batch_size,
+                     chunk_images=args.chunk_images, public_key=public_key(args))
+    print(f"{args.out}: {manifest.count} images of {manifest.build['source']} indexed ({manifest.kind}, "
+          f"{manifest.feature_dim} features each) for {manifest.export['run_name']}")
+    return 0
+
+
+def run_index_add(args) -> int:
+    from serving.search import SearchIndex
+
+    index = SearchIndex.open(args.index_dir, public_key=public_key(args))
+    images, names = read_images(index.model, args.images)
+    ids = index.add(images, paths=names)
+    print(f"{args.index_dir}: added {len(ids)} images as ids {ids.start}..{ids.stop - 1}; {len(index)} in all")
+    return 0
+
+
+def run_search(args) -> int:
+    from serving.search import SearchIndex
+
+    index = SearchIndex.open(args.index_dir, public_key=public_key(args))
+    class_id = class_id_of(index.model, args.class_)
+    hits = index.search(class_id, recall=args.recall, threshold=args.threshold, limit=args.limit, offset=args.offset)
+    report = {"run_name": index.model.run_name, "class_id": class_id, "class_name": index.model.class_names[class_id],
+              "recall": hits.recall, "threshold": hits.threshold, "total": hits.total, "offset": args.offset,
+              "results": [{"id": int(i), "path": path, "logit": float(logit)}
+                          for i, path, logit in zip(hits.ids, hits.paths, hits.logits)]}
+    print(json.dumps(report, indent=2) if args.json else _search_text(report))
+    return 0
+
+
+def _search_text(report: dict) -> str:
+    rule = (f"the best of {report['total']} images" if report["threshold"] is None else
+            f"{report['total']} images with logit >= {report['threshold']:.6g}"
+            + (f" (recall {report['recall']:g} on validation)" if report["recall"] is not None else ""))
+    lines = [f"class {report['class_id']} ({report['class_name']}) of {report['run_name']}: {rule}; "
+             f"showing {len(report['results'])} from {report['offset']}"]
+    lines += [f"{r['id']:>10}  {r['logit']:>12.6g}  {r['path'] or ''}".rstrip() for r in report["results"]]
+    return "\n".join(lines)
 
 
 def _score_text(report: dict) -> str:

@@ -10,6 +10,7 @@ stops keeps what it indexed, and the same command run again goes on from there.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,26 +41,34 @@ class Source:
 
 def open_source(source: str | Path) -> Source:
     path = Path(source).resolve()
+    if not path.exists():
+        raise InputError(f"{source} does not exist: give a folder of images or an .npy/.npz file of them")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise InputError(f"{source} holds no {'/'.join(IMAGE_SUFFIXES)} image: give a folder of images, or an "
                              f".npy/.npz file of them")
         return Source(path, len(files), lambda a, b: ([_decoded(f) for f in files[a:b]], [os.fspath(f) for f in files[a:b]]))
-    if path.suffix == ".npy":
-        array = np.load(path, mmap_mode="r")  # a prepared split need not fit in memory
-    elif path.suffix == ".npz":
-        with np.load(path) as arrays:
-            if "images" not in arrays and len(arrays.files) != 1:
-                raise InputError(f"{source} holds the arrays {', '.join(arrays.files)}: name the images `images`")
-            array = arrays["images" if "images" in arrays else arrays.files[0]]
-    elif path.exists():
+    if path.suffix not in (".npy", ".npz"):
         raise InputError(f"{source} is neither a folder nor an .npy/.npz file: give a folder of images or an array file")
-    else:
-        raise InputError(f"{source} does not exist: give a folder of images or an .npy/.npz file of them")
+    try:
+        array = _array(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(f"{source} cannot be read as {path.suffix} ({str(error).splitlines()[0]}); save the images "
+                         f"with numpy.save or numpy.savez (no pickled objects)") from None
     if array.ndim < 3:
         raise InputError(f"{source} holds an array of shape {array.shape}: give a batch, images first (N, H, W[, C])")
     return Source(path, len(array), lambda a, b: ([array[a:b]], None))
+
+
+def _array(path: Path) -> np.ndarray:
+    """An .npy memory-mapped (a prepared split need not fit in memory), or an .npz's one array or `images`."""
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    with np.load(path) as arrays:
+        if "images" not in arrays and len(arrays.files) != 1:
+            raise ValueError(f"it holds the arrays {', '.join(arrays.files)}: name the images `images`")
+        return arrays["images" if "images" in arrays else arrays.files[0]]
 
 
 def _decoded(path: Path) -> np.ndarray:
