@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                        help="header fields per request, at most (431 beyond)")
     serve.add_argument("--request-timeout-s", type=positive_s, default=Limits.request_timeout_s, metavar="S",
                        help="a request head must arrive within S s, its body and answer within S s more (408/503)")
+    serve.add_argument("--index", type=Path, default=None, metavar="DIR",
+                       help="also serve this search index of the default run (slc index build): "
+                            "GET /v1/classes/{class_id}/search, POST /v1/index/images")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve)
     for command in (score, info, serve):
@@ -308,9 +311,15 @@ def run_serve(args) -> int:
         print(f"slc: WARNING: serving on {args.host}, which other machines can reach, without a token: anyone who "
               f"reaches port {args.port} can score images and read /metrics. Set {TOKEN_ENV} or --token-file "
               f"(params.yaml: serving.token_file) to require `Authorization: Bearer <token>`.", file=sys.stderr)
+    index = None
+    if args.index is not None:
+        from serving.search import SearchIndex
+
+        index = SearchIndex.open(args.index, runs.default, threads=args.onnx_threads)  # refused if another export's
     metrics = PrometheusMetrics()
     score = None if args.batch_wait_ms is None else Batching(metrics, args.batch_wait_ms)
-    app = create_app(runs, request_threads=args.request_threads, score=score, token=token, metrics=metrics, limits=limits)
+    app = create_app(runs, request_threads=args.request_threads, score=score, token=token, metrics=metrics, limits=limits,
+                     index=index)
     # h11, whose head limit BoundedH11 answers with 431 (httptools, uvicorn's default, reads a head of any size)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=bounded_h11(limits),
                 h11_max_incomplete_event_size=limits.max_header_bytes)

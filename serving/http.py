@@ -6,6 +6,8 @@
     GET  /v1/runs/{run}/model                      a run's classes, input, thresholds, graph
     POST /v1/runs/{run}/classes/{class_id}/score   is each uploaded image of class c?
     GET  /v1/model, POST /v1/classes/{class_id}/score: the same for the default run
+    GET  /v1/classes/{class_id}/search             with an index (`slc serve --index DIR`): the stored
+    POST /v1/index/images                          images of class c; add images to the index
 
 Bad input is the client's to fix, so each library error becomes a 4xx whose `detail` says what
 was wrong and what is expected (`STATUS`), and the server goes on serving. A request is checked on
@@ -37,6 +39,7 @@ from serving.limits import Limits
 from serving.metrics import Metrics, PrometheusMetrics, RequestMetrics, label_request
 from serving.model import SingleLogitModel, check_finite
 from serving.runs import Runs
+from serving.search import SearchIndex
 
 DEFAULT_LIMITS = Limits()
 
@@ -64,13 +67,15 @@ class Score(BaseModel):
 
 
 def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer | None = None,
-               token: str | None = None, metrics: Metrics | None = None, limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+               token: str | None = None, metrics: Metrics | None = None, limits: Limits = DEFAULT_LIMITS,
+               index: SearchIndex | None = None) -> FastAPI:
     """The app around loaded runs. At most `request_threads` requests (None: one per CPU) are decoded
     at once, the others wait without holding a thread. `score` runs onnxruntime (None: in a worker
     thread too, one call per request; serving.batching shares calls). `metrics` records the series
     of serving.metrics; PrometheusMetrics (the default) are served at GET /metrics. With a `token`,
     every route but /healthz needs it. `limits` bounds header fields and time before the token is
-    checked (their bytes are the protocol's: serving.bounded.BoundedH11)."""
+    checked (their bytes are the protocol's: serving.bounded.BoundedH11). With an `index` (of the default
+    run's export), its search and add routes are served too."""
     default, limit = runs.default, body_limit(runs)
     app = FastAPI(title="Single logit classification", version="1",
                   summary=f"Is this image of class c? {len(runs.models)} run(s), by default {default.run_name} "
@@ -123,7 +128,59 @@ def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer 
 
     add_run_routes(app, "/v1", default_run, score, slots)
     add_run_routes(app, "/v1/runs/{run}", named_run, score, slots)
+    if index is not None:
+        add_search_routes(app, index, slots)
     return app
+
+
+class Found(BaseModel):
+    """A search's answer: the stored images of the class, best first; `total` counts them before paging."""
+    run_name: str
+    class_id: int
+    class_name: str
+    recall: float | None
+    threshold: float | None
+    total: int
+    offset: int
+    ids: list[int]
+    logits: list[float]
+    paths: list[str | None]
+
+
+def add_search_routes(app: FastAPI, index: SearchIndex, slots: anyio.CapacityLimiter) -> None:
+    """Search the index of the default run, and add to it: queries and adds run in worker threads, and
+    the index's lock keeps a query from seeing half an add."""
+    model = index.model
+
+    @app.get("/v1/classes/{class_id}/search")
+    async def search(
+        request: Request,
+        class_id: int,
+        recall: Annotated[float | None, Query(description="the class's threshold calibrated for this recall")] = None,
+        threshold: Annotated[float | None, Query(description="a logit threshold of your own")] = None,
+        limit: Annotated[int | None, Query(description="at most this many images; alone, the best ones")] = None,
+        offset: Annotated[int, Query(description="skip this many of the best first")] = 0,
+    ) -> Found:
+        """Every stored image whose logit for the class reaches the threshold, or the `limit` best."""
+        model.class_ids(class_id, 1)
+        label_request(request.scope, model.run_name, class_id)
+        hits = await anyio.to_thread.run_sync(lambda: index.search(class_id, recall, threshold, limit, offset),
+                                              limiter=slots)
+        return Found(run_name=model.run_name, class_id=class_id, class_name=model.class_names[class_id],
+                     recall=hits.recall, threshold=hits.threshold, total=hits.total, offset=offset,
+                     ids=hits.ids.tolist(), logits=hits.logits.tolist(), paths=hits.paths)
+
+    @app.post("/v1/index/images")
+    async def add_images(
+        request: Request,
+        files: Annotated[list[UploadFile], File(description="PNG/JPEG images (one each) or .npy arrays")],
+    ) -> dict:
+        """Add the uploaded images to the index, all or none; they are found by the next search."""
+        label_request(request.scope, model.run_name)
+        check_batch_size(len(files), model.max_batch)
+        uploads = [(await upload.read(), upload.filename or f"upload {i}") for i, upload in enumerate(files)]
+        ids = await anyio.to_thread.run_sync(lambda: index.add(prepare(model, uploads)), limiter=slots)
+        return {"ids": list(ids), "count": len(index)}
 
 
 def add_run_routes(app: FastAPI, prefix: str, run, score: Scorer, slots: anyio.CapacityLimiter) -> None:
