@@ -3,6 +3,7 @@
     slc score EXPORT_DIR --class 3 shirt.png boot.jpg batch.npy [--json]
     slc info EXPORT_DIR [--json]
     slc index build EXPORT_DIR SOURCE --out DIR [--index flat|sq8] [--batch-size N] [--chunk-images N]
+                    [--ray [--actors N]]
     slc index add DIR image.png batch.npy ...
     slc search DIR --class C [--recall 0.9 | --threshold T] [--limit N] [--offset N] [--json]
     slc serve EXPORT_DIR [EXPORT_DIR ...] [--default-run RUN] [--host 127.0.0.1] [--port 8000] [--max-batch 256]
@@ -118,6 +119,11 @@ def search_parsers(commands) -> list[argparse.ArgumentParser]:
     build.add_argument("--batch-size", type=positive, default=256, help="images per backbone call")
     build.add_argument("--chunk-images", type=positive, default=8192,
                        help="images committed at a time: what a stopped build keeps")
+    build.add_argument("--ray", action="store_true",
+                       help="compute the features with Ray Data on the cluster at RAY_ADDRESS (default: a new local "
+                            "one); the export and SOURCE must be at the same path on every node")
+    build.add_argument("--actors", type=positive, default=None,
+                       help="with --ray: Ray actors at most, one backbone and one CPU each (default: one per free CPU)")
     build.set_defaults(run=run_index_build)
     add = steps.add_parser("add", help="add images to an index, all or none; searchable when it returns")
     add.add_argument("index_dir", type=Path)
@@ -200,7 +206,7 @@ def run_index_build(args) -> int:
     from serving.index_build import build
 
     manifest = build(args.export_dir, args.source, args.out, index=args.index, batch_size=args.batch_size,
-                     chunk_images=args.chunk_images, public_key=public_key(args))
+                     chunk_images=args.chunk_images, on_ray=args.ray, actors=args.actors, public_key=public_key(args))
     print(f"{args.out}: {manifest.count} images of {manifest.build['source']} indexed ({manifest.kind}, "
           f"{manifest.feature_dim} features each) for {manifest.export['run_name']}")
     return 0

@@ -81,6 +81,17 @@ def edit_manifest(export: Path, change) -> None:
     (export / "manifest.json").write_text(json.dumps(manifest))
 
 
+def failing_at(call: int, write, error: BaseException):
+    """`write`, but its call number `call` raises `error` (a disk that fills, a crash); `.calls` counts the calls."""
+    def failing(*args, **kwargs):
+        failing.calls += 1
+        if failing.calls == call:
+            raise error
+        return write(*args, **kwargs)
+    failing.calls = 0
+    return failing
+
+
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")

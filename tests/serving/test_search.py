@@ -14,7 +14,7 @@ from serving.index_build import build
 from serving.model import SingleLogitModel
 from serving.search import SearchIndex
 from slc.evaluate.metrics import precision_recall_at
-from tests.serving.conftest import CLASSES, THRESHOLDS, png
+from tests.serving.conftest import CLASSES, THRESHOLDS, failing_at, png
 
 N = 40
 
@@ -134,15 +134,7 @@ def test_a_truncated_index_manifest_or_a_directory_without_one_is_refused(index,
 
 def test_a_build_that_stops_keeps_what_it_indexed_and_the_same_command_resumes_it(export_dir, source, tmp_path,
                                                                                    monkeypatch, index):
-    write = index_store.write_segment
-    calls = []
-
-    def disk_full_at_the_third_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return write(*args, **kwargs)
-
+    disk_full_at_the_third_chunk = failing_at(3, index_store.write_segment, OSError(28, "No space left on device"))
     monkeypatch.setattr(index_store, "write_segment", disk_full_at_the_third_chunk)
     out = tmp_path / "stopped"
     with pytest.raises(OSError, match="No space left"):
@@ -152,7 +144,7 @@ def test_a_build_that_stops_keeps_what_it_indexed_and_the_same_command_resumes_i
     with pytest.raises(InputError, match="still being built"):
         stopped.add(np.zeros((1, 8, 8), np.uint8))
     build(export_dir, source, out, chunk_images=8, batch_size=4)
-    assert len(calls) == 3 + 3  # the three chunks left, not five again
+    assert disk_full_at_the_third_chunk.calls == 3 + 3  # the three chunks left, not five again
     resumed = SearchIndex.open(out)
     assert len(resumed) == N
     for class_id in (0, 4):
@@ -163,15 +155,8 @@ def test_a_build_that_stops_keeps_what_it_indexed_and_the_same_command_resumes_i
 def test_a_crash_between_a_segment_and_the_manifest_loses_nothing_and_resumes(export_dir, source, tmp_path,
                                                                             monkeypatch):
     write = index_store.write_manifest
-    calls = []
-
-    def crash_before_the_second_commit(*args):
-        calls.append(1)
-        if len(calls) == 3:  # the empty manifest, the first chunk, then this
-            raise KeyboardInterrupt
-        write(*args)
-
-    monkeypatch.setattr(index_store, "write_manifest", crash_before_the_second_commit)
+    # the third manifest: after the empty one and the first chunk's
+    monkeypatch.setattr(index_store, "write_manifest", failing_at(3, write, KeyboardInterrupt()))
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         build(export_dir, source, out, chunk_images=16)

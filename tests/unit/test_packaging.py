@@ -53,7 +53,7 @@ def third_party_imports(path: Path) -> set[str]:
 
 
 # serving modules that only an extra beyond `serve` needs; the others must run with `serve` alone
-EXTRAS = {"ray_app.py": "ray-serve", "registry.py": "registry"}
+EXTRAS = {"ray_app.py": "ray-serve", "index_ray.py": "ray-serve", "registry.py": "registry"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "serving").glob("*.py")), ids=lambda p: p.name)
