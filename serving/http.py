@@ -22,7 +22,7 @@ most (one per CPU by default, not FastAPI's 40), so a burst of requests queues i
 # No `from __future__ import annotations`: FastAPI must see the dependency of `add_run_routes`, a local, as
 # an object, not a string it would look up among the module's globals.
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import numpy as np
@@ -39,7 +39,9 @@ from serving.limits import Limits
 from serving.metrics import Metrics, PrometheusMetrics, RequestMetrics, label_request
 from serving.model import SingleLogitModel, check_finite
 from serving.runs import Runs
-from serving.search import SearchIndex
+
+if TYPE_CHECKING:  # faiss is imported only by a server started with an index
+    from serving.search import SearchIndex
 
 DEFAULT_LIMITS = Limits()
 
@@ -68,7 +70,7 @@ class Score(BaseModel):
 
 def create_app(runs: Runs, *, request_threads: int | None = None, score: Scorer | None = None,
                token: str | None = None, metrics: Metrics | None = None, limits: Limits = DEFAULT_LIMITS,
-               index: SearchIndex | None = None) -> FastAPI:
+               index: "SearchIndex | None" = None) -> FastAPI:
     """The app around loaded runs. At most `request_threads` requests (None: one per CPU) are decoded
     at once, the others wait without holding a thread. `score` runs onnxruntime (None: in a worker
     thread too, one call per request; serving.batching shares calls). `metrics` records the series
@@ -147,7 +149,7 @@ class Found(BaseModel):
     paths: list[str | None]
 
 
-def add_search_routes(app: FastAPI, index: SearchIndex, slots: anyio.CapacityLimiter) -> None:
+def add_search_routes(app: FastAPI, index: "SearchIndex", slots: anyio.CapacityLimiter) -> None:
     """Search the index of the default run, and add to it: queries and adds run in worker threads, and
     the index's lock keeps a query from seeing half an add."""
     model = index.model
