@@ -23,10 +23,11 @@ import yaml
 from pipeline import stages
 from pipeline.presets import MANY_CLASSES, PRESETS, apply
 from serving.machine import machine_info
+from slc.bench.benchmarking import bandwidth_summary
 from slc.core.errors import run_stage
 from slc.nn.models import HEADS
 from slc.params import params_from
-from slc.studies.scaling import Layout, bandwidth_gbps, goals, run_point, time_point, write_outputs
+from slc.studies.scaling import Layout, bandwidth_reads, goals, run_point, time_point, write_outputs
 
 DEFAULT_KS = [1000, 10000, 100000, 400000]
 STAGES = ("prepare", "train", "evaluate", "export")  # the benchmark stage's timing is the study's own
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     commands = {stage: stages.command(stage, "params.yaml") for stage in STAGES}
     layout = Layout(stages.path_of("prepare", "--out"), stages.path_of("train", "--results"),
                     stages.path_of("evaluate", "--metrics"), stages.path_of("export", "--out"))
-    gbps = bandwidth_gbps(params, workdir / "bandwidth_probe")
     points = {str(k): {"k": k, "heads": {}} for k in args.ks}
     folders = {(k, head): (workdir / f"k{k}" / head).resolve() for k, head in points_params}
     for (k, head), raw in points_params.items():
@@ -77,13 +77,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"k = {k:,}, {head} head: prepare, train, evaluate, export in {folders[k, head]}", flush=True)
         points[str(k)]["heads"][head] = run_point(raw, folders[k, head], commands, layout)
         print(json.dumps(points[str(k)]["heads"][head]), flush=True)
-    for (k, head), raw in points_params.items():
-        print(f"k = {k:,}, {head} head: timing training steps and the trained export", flush=True)
-        points[str(k)]["heads"][head].update(time_point(raw, folders[k, head], layout, gbps["gbps"]))
+    with bandwidth_reads(params, workdir / "bandwidth_probe") as reads:
+        for (k, head), raw in points_params.items():
+            print(f"k = {k:,}, {head} head: timing training steps and the trained export", flush=True)
+            points[str(k)]["heads"][head].update(time_point(raw, folders[k, head], layout, reads))
     settings = {key: value for key, value in base.items() if key in ("data", "model", "train", "grid", "evaluate",
                                                                        "export", "benchmark")}
     settings.update(train_images=args.train_images, heads=args.heads)
-    study = {"machine": {**machine_info(), "torch": torch.__version__}, "bandwidth": gbps, "settings": settings,
+    bandwidth = bandwidth_summary([p["latency_ms"]["gbps"] for point in points.values() for p in point["heads"].values()],
+                                  reads[0], params.benchmark.threads)
+    study = {"machine": {**machine_info(), "torch": torch.__version__}, "bandwidth": bandwidth, "settings": settings,
              "points": points, "goals": goals(points)}
     write_outputs(study, Path(args.metrics), Path(args.table), Path(args.plot))
     print(f"wrote {args.metrics}, {args.table} and {args.plot}")

@@ -99,13 +99,16 @@ class HeadRows:
         if weight.location != bias.location:
             raise ExportError(f"{graph}: {WEIGHT} and {BIAS} are in different files; {REEXPORT}")
         self.file = weight.location
-        path = Path(export_dir) / self.file
-        self.weight = np.memmap(path, np.dtype("<f4"), "r", weight.offset, (k, d))
-        self.bias = np.memmap(path, np.dtype("<f4"), "r", bias.offset, (k,))
+        self.weight, self.bias = mapped(export_dir, weight), mapped(export_dir, bias)
 
     def row(self, class_id: int) -> tuple[np.ndarray, float]:
         """w_c as float32 (d,) and b_c: z_c(x) = features(x) . w_c + b_c."""
         return np.array(self.weight[class_id], np.float32), float(self.bias[class_id])
+
+
+def mapped(folder: Path, tensor: ExternalTensor) -> np.memmap:
+    """A read-only memory map of a float32 external tensor where its graph points (file, offset, dims)."""
+    return np.memmap(Path(folder) / tensor.location, np.dtype("<f4"), "r", tensor.offset, tensor.dims)
 
 
 def _checked(tensors: dict[str, ExternalTensor], name: str, shape: tuple[int, ...], graph: Path) -> ExternalTensor:

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from slc.core.errors import PipelineError
 from slc.core.files import write_json
 
+# A full model below 0.95 of its round's bandwidth floor read its head faster than the round's B allows:
+# the floor's goal (a figure of every round that is not an outlier, `Ratio`).
+FLOOR_TOLERANCE = 0.95
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,21 +30,37 @@ class Timing(_Record):
     min_ms: float
     mean_ms: float
     repeats: int
+    rounds_ms: list[float]       # the median of each round (`slc.bench.timing.time_interleaved`)
     load_s: float
     providers_used: list[str]
 
 
+class Ratio(_Record):
+    """A ratio of two models' times taken within each round, so both figures share the machine's state.
+    `median` and `min` leave out the `outliers`: rounds whose backbone time is beyond Tukey's fences
+    (1.5 interquartile ranges past the quartiles) of that k's rounds, a backbone that swung while
+    they ran (the rule needs 4 rounds; with fewer none is left out). `rounds` holds every round."""
+    median: float
+    min: float
+    max: float
+    rounds: list[float]
+    outliers: list[int]          # indices into `rounds`
+
+
 class AtK(_Record):
-    """One architecture with a k-class head: the three models' times and what they are judged by."""
+    """One architecture with a k-class head: the models' times, the bandwidth read in the same rounds,
+    and the ratios the goals are judged on."""
     backbone: Timing
     full: Timing
     single_logit: Timing
-    predicted_full_ms: float     # the floor: the backbone plus one read of the head at the bandwidth bound B
-    full_vs_predicted: float     # >= 1 for a correct measurement (up to the backbone's noise)
-    single_vs_backbone: float
-    speedup: float               # full / single_logit
-    speedup_limit: float         # predicted full / backbone: the speedup over a full model at the floor;
-                                 # speedup >= speedup_limit * backbone / single_logit
+    head: Timing                 # the head alone (features -> k logits): exactly the bytes the floor counts
+    gbps: list[float]            # B per round: the fastest of the bandwidth reads and the head alone
+    predicted_full_ms: float     # the floor, median over rounds: backbone + 4·d·k / B of the same round
+    full_vs_floor: Ratio         # >= 1 for a correct measurement, up to each round's noise
+    full_vs_backbone_plus_head: Ratio
+    single_vs_backbone: Ratio
+    speedup: float               # full / single_logit, medians over every run
+    speedup_limit: float         # predicted full / backbone: the speedup over a full model at the floor
     peak_rss_gb: float
     head_gb: float
 
@@ -59,7 +79,7 @@ class Architecture(_Record):
 class SpeedupResults(_Record):
     machine: dict                # serving.machine.machine_info plus torch and the GPU
     settings: dict               # params.yaml's benchmark section and the session options
-    bandwidth: dict              # slc.bench.timing.memory_bandwidth
+    bandwidth: dict              # B over every round (`slc.bench.benchmarking.bandwidth_summary`)
     architectures: dict[str, Architecture]
     exports: dict[str, Architecture]       # trained run -> its export at its own k
     goals: dict[str, float | bool]         # flat, so that `dvc metrics` shows them

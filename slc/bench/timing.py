@@ -1,15 +1,17 @@
-"""How the benchmark measures: onnxruntime sessions, latency spread, memory bandwidth, peak RSS.
+"""How the benchmark measures: onnxruntime sessions, latency spread in rounds, memory bandwidth reads.
 
 Kept apart from what is measured (`benchmark.py`) so that every number in `results/speedup.md`
 comes from one small set of rules: a fixed thread count, warm-up runs before the clock starts,
-the models compared with each other timed interleaved, many repeats summarised by median and
-p10/p90 (one lucky run proves nothing on a shared machine), and the session options written down
-next to the figures.
+the models compared with each other timed interleaved, in rounds whose figures share the machine's
+state (so ratios are taken within a round), many repeats summarised by median and p10/p90 (one
+lucky run proves nothing on a shared machine), and the session options written down next to the
+figures.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,9 @@ def open_session(path: Path, settings: dict):
     # Prepacking copies constant weights into the GEMM kernel's layout: it doubles the memory of a
     # 3.3 GB head and, for the one-row GEMV of batch 1, was measured slower than the plain layout.
     options.add_session_config_entry("session.disable_prepacking", "0" if settings["prepacking"] else "1")
+    # A session's threads spin after each call by default, taking the cores from the next model timed: on
+    # 2 cores a model timed after another onnxruntime session ran 1.39x as long, whatever its k.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=settings["providers"])
     return session, session.get_providers()
 
@@ -63,59 +68,43 @@ def time_call(call: Callable[[], object], warmup: int, repeats: int) -> dict[str
     return spread(seconds)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
-    """Time several models round-robin, one run of each per round with the order rotated, so a busy
-    neighbour or a clock change between rounds slows every model alike and their ratios hold."""
+def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     rounds: int = 1) -> dict[str, dict]:
+    """Time several models interleaved, one run of each per sweep, so a busy neighbour or a clock
+    change slows every model alike and their ratios hold. Each sweep runs them in a new seeded order:
+    a call can slow the one after it (torch.sum's threads slowed the next model by 5%), and a fixed
+    order would always charge that to the same model. The sweeps are cut into `rounds` consecutive
+    blocks and each model's median per block is kept (`rounds_ms`): figures of one round share the
+    machine's state, so a ratio taken within a round does not see the drift between rounds (a shared
+    machine's bandwidth and clock change within minutes)."""
+    if not 1 <= rounds <= repeats:
+        raise ValueError(f"time_interleaved: rounds={rounds} must be between 1 and repeats={repeats}")
     for call in calls.values():
         for _ in range(warmup):
             call()
-    names = list(calls)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+    order = np.random.default_rng(0)
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name in order.permutation(list(calls)):
             start = time.perf_counter()
             calls[name]()
             seconds[name].append(time.perf_counter() - start)
-    return {name: spread(seconds[name]) for name in names}
+    return {name: {**spread(seconds[name]),
+                   "rounds_ms": [float(np.median(block)) * 1e3 for block in np.array_split(seconds[name], rounds)]}
+            for name in calls}
 
 
-def memory_bandwidth(gemv: Path, settings: dict, repeats: int) -> dict:
-    """B, the fastest rate main memory was read at here, in GB/s (1e9 bytes/s): the best of `repeats`
-    runs of each of three reads of the same number of bytes, far above the last-level cache:
-      onnxruntime  `gemv`, a (1, d) x (n, d)^T head alone (input `features`, output (1, n)) in a
-                   session with the benchmark's `settings`: the very kernel a full model's head runs;
-      torch        torch.sum over as many bytes, with the same number of threads;
-      numpy        numpy's sum, one thread: a floor the others are expected to beat.
-    The best run and the fastest probe, not a median, because B must bound from above what any
-    kernel streams here: a full model reads its 4·d·k-byte head once per batch, so a correct
-    measurement has
-        full_ms >= backbone_ms + 4·d·k / B = predicted_full_ms
-    up to the timing noise of backbone_ms. A probe that under-reads B shows up as full_ms < predicted_full_ms.
-    """
-    import torch
-
-    if repeats <= 0:
-        raise ValueError(f"memory_bandwidth: repeats={repeats} must be positive")
+@contextmanager
+def bandwidth_reads(gemv: Path, settings: dict) -> Iterator[tuple[int, dict]]:
+    """A read of memory far above the last-level cache whose rate bounds what memory streams here, B:
+    onnxruntime's `gemv`, a (1, d) x (n, d)^T head alone (input `features`, output (1, n)) in a session
+    with the benchmark's `settings`, the very kernel a full model's head runs. A full model reads its
+    4·d·k-byte head once per batch, so a correct measurement has full_ms >= backbone_ms + 4·d·k / B;
+    B drifts within minutes on a shared machine, so the benchmark times this read in the same rounds
+    as the models. (torch.sum is not among the reads: its threads spin after it and slowed the model
+    timed next by 5%.) Yields (bytes each read reads, {name: call})."""
     session, _ = open_session(gemv, settings)
     (features,), (logits,) = session.get_inputs(), session.get_outputs()
     d, n = features.shape[1], logits.shape[1]
-    nbytes = 4 * n * (d + 1)  # the (n, d) weight and the (n,) bias, float32
     feeds = {features.name: np.ones((1, d), np.float32)}
-    threads = settings["intra_op_threads"]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        buffer = torch.ones(nbytes // 4, dtype=torch.float32)
-        flat = buffer.numpy()
-        reads = {"onnxruntime_gemv": lambda: session.run(None, feeds), "torch_sum": buffer.sum, "numpy_sum": flat.sum}
-        times = {name: time_call(read, warmup=1, repeats=repeats) for name, read in reads.items()}
-    finally:
-        torch.set_num_threads(previous)
-    probes = {name: {"best_gbps": nbytes / t["min_ms"] / 1e6, "median_gbps": nbytes / t["median_ms"] / 1e6}
-              for name, t in times.items()}
-    gbps = max(probe["best_gbps"] for probe in probes.values())
-    return {"gbps": gbps, "probes": probes, "threads": threads, "buffer_mib": nbytes / 2**20, "repeats": repeats,
-            "method": f"the fastest of {repeats} reads of {nbytes / 2**20:.0f} MiB by onnxruntime's GEMV "
-                      f"({probes['onnxruntime_gemv']['best_gbps']:.1f}), torch.sum "
-                      f"({probes['torch_sum']['best_gbps']:.1f}), both {threads} threads, and numpy's sum "
-                      f"({probes['numpy_sum']['best_gbps']:.1f}, one thread)"}
+    yield 4 * n * (d + 1), {"onnxruntime_gemv": lambda: session.run(None, feeds)}  # float32 weight and bias

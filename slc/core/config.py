@@ -251,6 +251,7 @@ class BenchmarkConfig:
     threads: int
     warmup: int
     repeats: int
+    rounds: int
     providers: str | list[str]
     prepacking: bool
     bandwidth_mib: int
@@ -263,6 +264,8 @@ class BenchmarkConfig:
         for key in ("batch_size", "threads", "repeats", "bandwidth_mib"):
             require(getattr(self, key) > 0, f"benchmark.{key}", getattr(self, key), "a positive integer")
         require(self.warmup >= 0, "benchmark.warmup", self.warmup, "0 or more warm-up runs")
+        require(1 <= self.rounds <= self.repeats, "benchmark.rounds", self.rounds,
+                f"between 1 and benchmark.repeats ({self.repeats}); 4 or more to leave out outlier rounds")
 
 
 @strict

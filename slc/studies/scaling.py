@@ -15,6 +15,8 @@ import math
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,10 +154,11 @@ def run_point(raw_params: dict, folder: Path, commands: dict[str, list[str]], la
             "losses": per_loss(folder / layout.trials, folder / layout.metrics)}
 
 
-def time_point(raw_params: dict, folder: Path, layout: Layout, gbps: float) -> dict:
+def time_point(raw_params: dict, folder: Path, layout: Layout, reads: tuple[int, dict]) -> dict:
     """At one k, after `run_point`: a training step of each loss, sampled and exact, and the trained
-    export's latency. The study times every k in one pass once all have run, so that the ratios
-    across k compare figures taken minutes apart, under the same load."""
+    export's latency, in the benchmark's rounds with the bandwidth `reads` (`timing.bandwidth_reads`),
+    so that a backbone's drift does not look like a single logit's cost. The study times every k in
+    one pass once all have run, so that the ratios across k compare figures taken minutes apart."""
     params = from_dict(Params, raw_params)
     data = PreparedData(folder / layout.data)
     steps = {loss: {"sampled": step_ms(params, data, loss, params.train.candidates, warmup=3, budget_s=10, max_steps=40),
@@ -163,21 +166,26 @@ def time_point(raw_params: dict, folder: Path, layout: Layout, gbps: float) -> d
              for loss in params.grid.losses}
     settings = timing.session_settings(params.benchmark.threads, params.benchmark.prepacking,
                                        session_providers(params.benchmark.providers))
-    trained = time_exports(folder / layout.exports, params.benchmark, settings, gbps)
+    trained = time_exports(folder / layout.exports, params.benchmark, settings, reads)
     run = min(trained)  # the first run's export: every run has the same shapes
     at = trained[run].largest
     return {"train_step_ms": steps, "head_gb": round(at.head_gb, 3),
             "latency_ms": {"full": at.full.median_ms, "single_logit": at.single_logit.median_ms,
-                           "backbone": at.backbone.median_ms, "single_vs_backbone": at.single_vs_backbone,
+                           "backbone": at.backbone.median_ms, "head": at.head.median_ms,
+                           "single_vs_backbone": at.single_vs_backbone.median,
+                           "single_vs_backbone_rounds": at.single_vs_backbone.model_dump(),
+                           "full_vs_floor": at.full_vs_floor.model_dump(), "gbps": at.gbps,
                            "speedup": at.speedup, "speedup_limit": at.speedup_limit, "run": run}}
 
 
-def bandwidth_gbps(params: Params, folder: Path) -> dict:
-    """The benchmark's memory-bandwidth bound on this machine (see slc.bench.timing.memory_bandwidth)."""
+@contextmanager
+def bandwidth_reads(params: Params, folder: Path) -> Iterator[tuple[int, dict]]:
+    """The benchmark's bandwidth reads (`slc.bench.timing.bandwidth_reads`) at its settings, in `folder`."""
     cfg = params.benchmark
     settings = timing.session_settings(cfg.threads, cfg.prepacking, session_providers(cfg.providers))
     folder.mkdir(parents=True, exist_ok=True)
-    return timing.memory_bandwidth(write_gemv_probe(folder, cfg.bandwidth_mib), settings, cfg.repeats)
+    with timing.bandwidth_reads(write_gemv_probe(folder, cfg.bandwidth_mib), settings) as reads:
+        yield reads
 
 
 def by_head(points: dict[str, dict]) -> dict[str, dict[str, dict]]:

@@ -12,7 +12,7 @@ from slc.export.exporting import export_model
 from slc.nn.models import build_model
 from tests.conftest import write_params
 
-TINY = BenchmarkConfig(architectures=["mlp"], num_classes=[1, 1000], batch_size=2, threads=1, warmup=1, repeats=3,
+TINY = BenchmarkConfig(architectures=["mlp"], num_classes=[1, 1000], batch_size=2, threads=1, warmup=1, repeats=3, rounds=3,
                        providers="auto", prepacking=False, bandwidth_mib=16)
 
 
@@ -40,7 +40,9 @@ def test_stage_times_every_k_writes_every_output_and_logs_one_mlflow_run(tmp_pat
     per_k = results.architectures["mlp"].k
     assert sorted(per_k) == [1, 1000]
     for r in per_k.values():
-        assert all(t.median_ms > 0 and t.repeats == 3 for t in (r.backbone, r.full, r.single_logit))
+        assert all(t.median_ms > 0 and t.repeats == 3 and len(t.rounds_ms) == 3
+                   for t in (r.backbone, r.full, r.single_logit, r.head))
+        assert len(r.full_vs_floor.rounds) == 3 and r.full_vs_floor.median > 0
         assert r.full.providers_used == ["CPUExecutionProvider"] and r.peak_rss_gb > 0
     assert results.architectures["mlp"].d == 32
     trained = results.exports["bce-s0"]

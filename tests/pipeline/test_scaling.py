@@ -87,7 +87,7 @@ def test_a_tiny_study_runs_every_stage_with_each_head(tmp_path, monkeypatch):
     write_idx_gz(tmp_path / "raw" / "FashionMNIST" / "raw", n_train=60, n_test=20)
     params = yaml.safe_load(open("params.yaml"))
     params["data"]["root"] = str(tmp_path / "raw")
-    params["benchmark"].update(bandwidth_mib=16, repeats=3, warmup=1)
+    params["benchmark"].update(bandwidth_mib=16, repeats=3, rounds=3, warmup=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.setitem(entry.PRESETS, entry.MANY_CLASSES, {**entry.PRESETS[entry.MANY_CLASSES], "train.epochs": 1,
                                                              "model.hidden": 16, "evaluate.classes": 30,

@@ -11,7 +11,7 @@ from serving import sessions
 from slc.bench import benchmarking as benchmark
 from slc.bench import report as speedup_report
 from slc.bench import timing
-from slc.bench.results import Architecture, SpeedupResults, read_speedup
+from slc.bench.results import Architecture, SpeedupResults, Timing, read_speedup
 from slc.core import peak_memory
 from slc.core.config import BenchmarkConfig, ModelConfig
 from slc.core.errors import ConfigError
@@ -21,7 +21,7 @@ from slc.nn.models import build_model
 
 CPU = ["CPUExecutionProvider"]
 SETTINGS = dict(architectures=["resnet50"], num_classes=[1, 16384, 400_000], batch_size=1, threads=2, warmup=5,
-                repeats=30, providers="auto", prepacking=False, bandwidth_mib=1024)
+                repeats=30, rounds=6, providers="auto", prepacking=False, bandwidth_mib=1024)
 
 
 def tiny_backbone(d: int) -> onnx.ModelProto:
@@ -80,13 +80,48 @@ def test_prediction_is_backbone_plus_one_read_of_the_head():
     assert benchmark.predicted_ms(10.0, 2048, 400_000, 10.0) == pytest.approx(337.68)
 
 
-def test_compare_gives_the_ratios_the_goals_are_judged_on():
-    r = benchmark.compare(backbone_ms=10.0, full_ms=40.0, single_ms=10.5, d=1000, k=1_000_000, gbps=16.0)
-    assert r["predicted_full_ms"] == pytest.approx(260.0)
-    assert r["speedup"] == pytest.approx(40.0 / 10.5)
-    assert r["speedup_limit"] == pytest.approx(26.0)
-    assert r["full_vs_predicted"] == pytest.approx(40.0 / 260.0)
-    assert r["single_vs_backbone"] == pytest.approx(1.05)
+def rounds_timing(rounds_ms: list[float]) -> dict:
+    median = float(np.median(rounds_ms))
+    return {"median_ms": median, "p10_ms": min(rounds_ms), "p90_ms": max(rounds_ms), "min_ms": min(rounds_ms),
+            "mean_ms": median, "repeats": 30, "rounds_ms": rounds_ms, "load_s": 0.1, "providers_used": CPU}
+
+
+def paired(backbone: list[float], full: list[float], single: list[float], head: list[float], gbps: list[float],
+           d: int = 1000, k: int = 1_000_000):
+    times = {kind: Timing(**rounds_timing(ms)) for kind, ms in
+             (("backbone", backbone), ("full", full), ("single_logit", single), ("head", head))}
+    return benchmark.at_k(times, gbps, d, k).model_copy(update={"peak_rss_gb": 1.0})  # this process's peak varies
+
+
+def test_each_round_has_its_own_floor_from_its_backbone_and_its_fastest_read():
+    # 4 GB head (d 1000, k 1e6): at 16 GB/s 250 ms; round 2's head alone read it at 20 GB/s (200 ms)
+    r = paired(backbone=[10, 20, 10], full=[260, 230, 300], single=[10.5, 21, 10], head=[300, 200, 300],
+               gbps=[16, 16, 8])
+    assert r.gbps == pytest.approx([16, 20, 13.333333])
+    floors = [10 + 250, 20 + 200, 10 + 300]
+    assert r.full_vs_floor.rounds == pytest.approx([260 / floors[0], 230 / floors[1], 300 / floors[2]])
+    assert r.predicted_full_ms == pytest.approx(260)
+    assert r.full_vs_backbone_plus_head.rounds == pytest.approx([260 / 310, 230 / 220, 300 / 310])
+    assert r.single_vs_backbone.rounds == pytest.approx([1.05, 1.05, 1.0])
+    assert (r.single_vs_backbone.median, r.single_vs_backbone.min, r.single_vs_backbone.max) == pytest.approx(
+        (1.05, 1.0, 1.05))
+    assert r.speedup == pytest.approx(260 / 10.5) and r.speedup_limit == pytest.approx(260 / 10)
+
+
+def test_a_round_whose_backbone_swung_is_an_outlier_and_left_out_of_median_and_min_but_kept_in_rounds():
+    backbone = [100, 102, 98, 101, 160, 99]  # round 4's backbone swung: beyond Tukey's upper fence
+    full = [b + 80 for b in backbone]
+    full[4] = 150  # below that round's floor: the round says more about the machine than the models
+    r = paired(backbone, full, backbone, [80] * 6, [1.0] * 6, d=1000, k=20_000)  # 80 MB head, read at 1 GB/s
+    assert r.full_vs_floor.outliers == [4] and len(r.full_vs_floor.rounds) == 6
+    assert r.full_vs_floor.rounds[4] == pytest.approx(150 / 240)
+    assert (r.full_vs_floor.median, r.full_vs_floor.min, r.full_vs_floor.max) == pytest.approx((1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("backbone, outliers", [([100, 102, 98], []),  # fewer than 4 rounds: no quartiles
+                                                ([100, 100, 100, 100], []), ([100, 101, 99, 100, 40], [4])])
+def test_outlier_rule_needs_four_rounds_and_names_rounds_beyond_the_fences(backbone, outliers):
+    assert benchmark.outlier_rounds(np.asarray(backbone, float)) == outliers
 
 
 def test_spread_reports_median_and_p10_p90_in_ms():
@@ -100,12 +135,38 @@ def test_time_call_warms_up_before_timing_and_times_each_repeat():
     assert len(calls) == 10 and result["repeats"] == 7
 
 
-def test_interleaved_timing_rotates_the_order_every_round():
-    order = []
-    result = timing.time_interleaved({name: (lambda name=name: order.append(name)) for name in "abc"},
-                                     warmup=1, repeats=3)
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")
-    assert {name: r["repeats"] for name, r in result.items()} == {"a": 3, "b": 3, "c": 3}
+def test_interleaved_timing_runs_each_call_once_a_sweep_in_a_changing_seeded_order():
+    def sweeps():
+        order = []
+        result = timing.time_interleaved({name: (lambda name=name: order.append(name)) for name in "abcd"},
+                                         warmup=1, repeats=6)
+        assert {name: r["repeats"] for name, r in result.items()} == dict.fromkeys("abcd", 6)
+        timed = ["".join(order[i:i + 4]) for i in range(4, len(order), 4)]  # after one warm-up run each
+        assert all(sorted(sweep) == list("abcd") for sweep in timed)
+        return timed
+
+    first = sweeps()
+    assert len(set(first)) > 1  # no call always runs after the same one
+    assert sweeps() == first  # seeded: a rerun times in the same order
+
+
+def test_rounds_are_consecutive_blocks_of_sweeps_each_with_its_own_median(monkeypatch):
+    clock = iter(np.arange(0.0, 100.0, 0.5))  # each call to perf_counter advances 0.5 s
+    slow = {"n": 0}
+
+    def call():
+        slow["n"] += 1
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    result = timing.time_interleaved({"a": call, "b": call}, warmup=0, repeats=7, rounds=3)
+    assert result["a"]["repeats"] == 7 and len(result["a"]["rounds_ms"]) == 3  # blocks of 3, 2, 2 sweeps
+    assert result["a"]["rounds_ms"] == pytest.approx([500.0] * 3)
+
+
+@pytest.mark.parametrize("rounds", [0, 4])
+def test_more_rounds_than_runs_is_refused(rounds):
+    with pytest.raises(ValueError, match="rounds"):
+        timing.time_interleaved({"a": lambda: None}, warmup=0, repeats=3, rounds=rounds)
 
 
 def test_the_gemv_probe_is_a_head_of_about_the_buffer_size_that_reads_every_row(tmp_path):
@@ -117,39 +178,13 @@ def test_the_gemv_probe_is_a_head_of_about_the_buffer_size_that_reads_every_row(
     assert (tmp_path / "head.weights").stat().st_size >= 16 * 2**20
 
 
-def test_bandwidth_is_the_fastest_best_read_of_the_three_probes(tmp_path, monkeypatch):
+def test_the_bandwidth_read_reads_every_byte_of_the_probe(tmp_path):
     path = benchmark.write_gemv_probe(tmp_path, mib=16)
     n, d = 16 * 2**20 // (4 * benchmark.PROBE_D), benchmark.PROBE_D
-    nbytes = 4 * n * (d + 1)
-    best_ms = iter([2.0, 1.0, 4.0])  # onnxruntime, torch, numpy: torch is fastest here
-    results = []
-
-    def fixed_time(call, warmup, repeats):  # run each probe once, report its best and a median twice as long
-        results.append(call())
-        best = next(best_ms)
-        return {"median_ms": 2 * best, "min_ms": best}
-
-    monkeypatch.setattr(timing, "time_call", fixed_time)
-    bandwidth = timing.memory_bandwidth(path, timing.session_settings(1, False, CPU), repeats=3)
-    gemv, torch_sum, numpy_sum = results
-    assert gemv[0].shape == (1, n) and float(torch_sum) == float(numpy_sum) == nbytes // 4  # each read it all
-    assert bandwidth["gbps"] == pytest.approx(nbytes / 1e-3 / 1e9)
-    assert bandwidth["probes"]["onnxruntime_gemv"] == pytest.approx({"best_gbps": nbytes / 2e-3 / 1e9,
-                                                                     "median_gbps": nbytes / 4e-3 / 1e9})
-    assert bandwidth["probes"]["numpy_sum"]["best_gbps"] == pytest.approx(nbytes / 4e-3 / 1e9)
-
-
-def test_measured_bandwidth_bounds_every_probe_numpy_included_and_leaves_torchs_threads_as_they_were(tmp_path):
-    import torch
-
-    threads = torch.get_num_threads()
-    path = benchmark.write_gemv_probe(tmp_path, mib=16)
-    bandwidth = timing.memory_bandwidth(path, timing.session_settings(1, False, CPU), repeats=3)
-    probes = bandwidth["probes"]
-    assert set(probes) == {"onnxruntime_gemv", "torch_sum", "numpy_sum"}
-    assert all(0.5 < p["median_gbps"] <= p["best_gbps"] < 1000 for p in probes.values())  # GB/s
-    assert bandwidth["gbps"] == max(p["best_gbps"] for p in probes.values()) >= probes["numpy_sum"]["best_gbps"]
-    assert torch.get_num_threads() == threads
+    with timing.bandwidth_reads(path, timing.session_settings(1, False, CPU)) as (nbytes, reads):
+        assert set(reads) == {"onnxruntime_gemv"} and nbytes == 4 * n * (d + 1)
+        (logits,) = reads["onnxruntime_gemv"]()
+        assert logits.shape == (1, n) and np.all(logits == d)  # ones . ones: every weight read
 
 
 def test_a_faster_bandwidth_lowers_the_floor_so_the_floor_at_the_best_read_is_the_lowest():
@@ -198,32 +233,27 @@ def test_benchmark_params_reject_an_empty_k_list():
         BenchmarkConfig(**{**SETTINGS, "num_classes": []})
 
 
-def measured(median: float) -> dict:
-    return {"median_ms": median, "p10_ms": median * 0.9, "p90_ms": median * 1.1, "min_ms": median * 0.8,
-            "mean_ms": median, "repeats": 30, "load_s": 0.1, "providers_used": CPU}
-
-
-def measured_architectures(single_vs_backbone: float = 1.0, full_vs_predicted: float = 1.0,
+def measured_architectures(single_vs_backbone: float = 1.0, full_vs_floor: float = 1.0,
                            at_k: int | None = None) -> dict[str, Architecture]:
-    """ResNet-50 at three k with round numbers: backbone 50 ms, 16 GB/s; the single logit model and
-    the full one at these multiples of the backbone and of the prediction (at `at_k` only, if given)."""
+    """ResNet-50 at three k with round numbers: backbone 50 ms, 16 GB/s in every one of 6 rounds, the
+    head alone at that rate; the single logit model and the full one at these multiples of the backbone
+    and of the floor (at `at_k` only, if given)."""
     per_k = {}
     for k in (1, 16384, 400_000):
-        single_ratio, full_ratio = (single_vs_backbone, full_vs_predicted) if at_k in (None, k) else (1.0, 1.0)
-        single, full = 50.0 * single_ratio, benchmark.predicted_ms(50.0, 2048, k, 16.0) * full_ratio
-        per_k[k] = {"backbone": measured(50.0), "single_logit": measured(single), "full": measured(full),
-                    **benchmark.compare(50.0, full, single, 2048, k, 16.0),
-                    "peak_rss_gb": 1.0 + 4 * 2048 * k / 1e9, "head_gb": 4 * 2048 * k / 1e9}
+        single_ratio, full_ratio = (single_vs_backbone, full_vs_floor) if at_k in (None, k) else (1.0, 1.0)
+        head = 4 * 2048 * k / 16e6
+        per_k[k] = paired(backbone=[50.0] * 6, full=[(50.0 + head) * full_ratio] * 6, single=[50.0 * single_ratio] * 6,
+                          head=[head] * 6, gbps=[16.0] * 6, d=2048, k=k)
     return {"resnet50": Architecture(d=2048, input_shape=[3, 224, 224], k=per_k)}
 
 
-def trained_export(full_vs_predicted: float = 1.3) -> dict[str, Architecture]:
+def trained_export(full_vs_floor: float = 1.3) -> dict[str, Architecture]:
     """A trained run's export at its own k = 400,000 (d = 256, 20 ms backbone), its full model
-    `full_vs_predicted` times the floor at 16 GB/s."""
+    `full_vs_floor` times the floor at 16 GB/s."""
     k, d, backbone = 400_000, 256, 20.0
-    full = benchmark.predicted_ms(backbone, d, k, 16.0) * full_vs_predicted
-    at_k = {"backbone": measured(backbone), "single_logit": measured(20.2), "full": measured(full),
-            **benchmark.compare(backbone, full, 20.2, d, k, 16.0), "peak_rss_gb": 1.5, "head_gb": 4 * d * k / 1e9}
+    head = 4 * d * k / 16e6
+    at_k = paired(backbone=[backbone] * 6, full=[(backbone + head) * full_vs_floor] * 6, single=[20.2] * 6,
+                  head=[head] * 6, gbps=[16.0] * 6, d=d, k=k)
     return {"bce-s0": Architecture(d=d, input_shape=[1, 28, 168], k={k: at_k})}
 
 
@@ -234,7 +264,8 @@ def fixed_results(exports: dict[str, Architecture] | None = None) -> SpeedupResu
     return SpeedupResults(**{"machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 24.0, "gpu": None, "onnxruntime": "1.0",
                         "torch": "2.0", "load_average": [0.1, 0.1, 0.1]},
             "settings": settings, "architectures": architectures, "exports": exports,
-            "bandwidth": {"gbps": 16.0, "method": "test probe"},
+            "bandwidth": benchmark.bandwidth_summary([r.gbps for a in (*architectures.values(), *exports.values())
+                                                      for r in a.k.values()], 2**30, 2),
             "goals": benchmark.goals(architectures, exports)})
 
 
@@ -254,39 +285,39 @@ def test_table_puts_ours_the_limit_and_the_papers_side_by_side():
 
 
 def test_goals_hold_for_figures_within_their_bounds():
-    goals = benchmark.goals(measured_architectures(single_vs_backbone=1.04, full_vs_predicted=1.14), {})
-    assert goals["single_within_1.05x_of_backbone"] is True and goals["full_within_1.15x_of_prediction"] is True
-    assert (goals["max_single_vs_backbone"], goals["max_full_vs_predicted"]) == pytest.approx((1.04, 1.14))
+    goals = benchmark.goals(measured_architectures(single_vs_backbone=1.04, full_vs_floor=1.14), {})
+    assert goals["single_within_1.05x_of_backbone"] is True and goals["full_within_1.15x_of_floor"] is True
+    assert (goals["max_single_vs_backbone"], goals["max_full_vs_floor"]) == pytest.approx((1.04, 1.14))
     assert fixed_results().goals["resnet50_speedup_at_400000"] == pytest.approx(1 + 3.2768 / 16 * 1e3 / 50)
 
 
 @pytest.mark.parametrize("figures, missed, kept", [
-    (dict(single_vs_backbone=1.06), "single_within_1.05x_of_backbone", "full_within_1.15x_of_prediction"),
-    (dict(full_vs_predicted=1.2), "full_within_1.15x_of_prediction", "single_within_1.05x_of_backbone"),
+    (dict(single_vs_backbone=1.06), "single_within_1.05x_of_backbone", "full_within_1.15x_of_floor"),
+    (dict(full_vs_floor=1.2), "full_within_1.15x_of_floor", "single_within_1.05x_of_backbone"),
 ])
 def test_a_goal_missed_at_a_single_k_is_reported_missed(figures, missed, kept):
     goals = benchmark.goals(measured_architectures(**figures, at_k=16384), {})
     assert goals[missed] is False and goals[kept] is True
-    worst = "max_single_vs_backbone" if "single_vs_backbone" in figures else "max_full_vs_predicted"
+    worst = "max_single_vs_backbone" if "single_vs_backbone" in figures else "max_full_vs_floor"
     assert goals[worst] == pytest.approx(next(iter(figures.values())))
 
 
-@pytest.mark.parametrize("full_vs_predicted, at_k, held", [
+@pytest.mark.parametrize("full_vs_floor, at_k, held", [
     (1.0, None, True),      # at the floor
-    (0.97, 400_000, True),  # 8 ms under a 255 ms floor: within the backbone's 10 ms spread, i.e. noise
-    (0.9, 1, True),         # k = 1: the head is microseconds, full and backbone differ by noise only
-    (0.8, 400_000, False),  # 51 ms under the floor: the head was read faster than B, so B under-reads
+    (0.96, 400_000, True),  # within the tolerance of every round
+    (0.9, 1, False),        # k = 1 too: full below its own round's backbone by a tenth
+    (0.8, 400_000, False),  # the head was read faster than B, so B under-reads
 ])
-def test_a_full_model_faster_than_the_floor_by_more_than_the_noise_breaks_the_bound(full_vs_predicted, at_k, held):
-    goals = benchmark.goals(measured_architectures(full_vs_predicted=full_vs_predicted, at_k=at_k), {})
-    assert goals["full_at_or_above_bandwidth_floor"] is held
-    assert goals["min_full_vs_predicted"] == pytest.approx(full_vs_predicted)
+def test_a_full_model_below_095_of_the_floor_in_a_round_breaks_the_bound(full_vs_floor, at_k, held):
+    goals = benchmark.goals(measured_architectures(full_vs_floor=full_vs_floor, at_k=at_k), {})
+    assert goals["full_at_or_above_0.95_of_floor"] is held
+    assert goals["min_full_vs_floor"] == pytest.approx(full_vs_floor)
 
 
-def test_a_trained_export_faster_than_its_floor_breaks_the_bound_too():
-    assert benchmark.goals(measured_architectures(), trained_export(1.3))["full_at_or_above_bandwidth_floor"] is True
+def test_a_trained_export_below_its_floor_breaks_the_bound_too():
+    assert benchmark.goals(measured_architectures(), trained_export(1.3))["full_at_or_above_0.95_of_floor"] is True
     goals = benchmark.goals(measured_architectures(), trained_export(0.7))
-    assert goals["full_at_or_above_bandwidth_floor"] is False and goals["min_full_vs_predicted"] == pytest.approx(0.7)
+    assert goals["full_at_or_above_0.95_of_floor"] is False and goals["min_full_vs_floor"] == pytest.approx(0.7)
 
 
 def test_the_floor_speedup_is_at_most_the_measured_one_for_a_full_model_at_or_above_the_floor():
@@ -294,11 +325,19 @@ def test_the_floor_speedup_is_at_most_the_measured_one_for_a_full_model_at_or_ab
     assert r.speedup >= r.speedup_limit * r.backbone.median_ms / r.single_logit.median_ms
 
 
+def test_the_rounds_of_a_k_below_the_tolerance_are_shown_not_one_number():
+    assert "Every round of every k" in speedup_report.rounds_markdown(fixed_results())
+    text = speedup_report.rounds_markdown(fixed_results(trained_export(0.7)))
+    (row,) = [line for line in text.splitlines() if line.startswith("| trained bce-s0")]
+    assert "0.70 0.70 0.70 0.70 0.70 0.70" in row and "16.0 16.0" in row
+
+
 def test_report_states_machine_settings_and_bandwidth_above_the_table():
     text = speedup_report.speedup_markdown(fixed_results())
     header = text.split("## Full k-class")[0]
     for expected in ("Test CPU", "2 cores", "onnxruntime 1.0", "CPUExecutionProvider", "2 intra-op threads",
-                     "prepacking off", "5 warm-up then 30 timed runs", "16.0 GB/s"):
+                     "prepacking off", "5 warm-up then 30 timed runs per model in 6 rounds", "median of 18 rounds 16.0",
+                     "Tukey's fences"):
         assert expected in header
     assert "x1.08" in text and "No trained exports" in text
 
@@ -310,7 +349,8 @@ def test_trained_exports_get_their_own_table_beside_the_random_heads():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     r = trained_export()["bce-s0"].largest
     assert cells[:3] == ["bce-s0", "400,000", "0.41"]
-    assert cells[9:11] == [f"x{r.speedup:.2f}", f"x{r.speedup_limit:.2f}"]
+    assert cells[8] == "1.30 (1.30–1.30)"
+    assert cells[11:13] == [f"x{r.speedup:.2f}", f"x{r.speedup_limit:.2f}"]
     assert "No trained exports" not in text
 
 
@@ -322,7 +362,7 @@ def test_trained_exports_are_drawn_but_stay_out_of_the_csv_of_the_random_heads(t
     assert read_speedup(tmp_path / "speedup.json").exports == trained_export()
 
 
-def test_each_trained_export_is_timed_at_its_own_k_and_judged_by_the_same_floor(tmp_path):
+def test_each_trained_export_is_timed_at_its_own_k_in_rounds_with_its_head_alone(tmp_path):
     torch.manual_seed(0)
     k, shape = 5000, (1, 8, 8)
     model = build_model(ModelConfig("mlp", 16, 4, None, "linear", None), shape, k).eval()
@@ -330,16 +370,33 @@ def test_each_trained_export_is_timed_at_its_own_k_and_judged_by_the_same_floor(
             "input_shape": list(shape), "normalisation": {"mean": [0.5], "std": [0.25]}, "pixel_scale": 255.0}
     export_model(model, tmp_path / "exports" / "bce-s0", info, None, torch.randn(4, *shape), classes=2)
     (tmp_path / "exports" / "not-an-export").mkdir()
-    cfg = BenchmarkConfig(**{**SETTINGS, "warmup": 1, "repeats": 3, "batch_size": 2})
-    exports = benchmark.time_exports(tmp_path / "exports", cfg, timing.session_settings(1, False, CPU), gbps=20.0)
+    before = sorted(p.name for p in (tmp_path / "exports" / "bce-s0").iterdir())
+    cfg = BenchmarkConfig(**{**SETTINGS, "warmup": 1, "repeats": 4, "rounds": 2, "batch_size": 2})
+    settings = timing.session_settings(1, False, CPU)
+    with timing.bandwidth_reads(benchmark.write_gemv_probe(tmp_path, mib=4), settings) as reads:
+        exports = benchmark.time_exports(tmp_path / "exports", cfg, settings, reads)
     assert list(exports) == ["bce-s0"]
+    assert sorted(p.name for p in (tmp_path / "exports" / "bce-s0").iterdir()) == before  # nothing written there
     run = exports["bce-s0"]
     assert (run.d, run.input_shape, list(run.k)) == (16, [1, 8, 8], [k])
     r = run.largest
-    assert all(t.repeats == 3 and t.median_ms > 0 for t in (r.backbone, r.full, r.single_logit))
+    assert all(t.repeats == 4 and len(t.rounds_ms) == 2 and t.median_ms > 0
+               for t in (r.backbone, r.full, r.single_logit, r.head))
+    assert len(r.gbps) == 2 and len(r.full_vs_floor.rounds) == 2
     assert r.speedup == pytest.approx(r.full.median_ms / r.single_logit.median_ms)
-    assert r.predicted_full_ms == pytest.approx(benchmark.predicted_ms(r.backbone.median_ms, 16, k, 20.0))
+    floors = benchmark.predicted_ms(np.asarray(r.backbone.rounds_ms), 16, k, np.asarray(r.gbps))
+    assert r.full_vs_floor.rounds == pytest.approx(list(np.asarray(r.full.rounds_ms) / floors))
     assert r.head_gb == pytest.approx(4 * 16 * k / 1e9) and r.peak_rss_gb > 0
+
+
+def test_the_head_alone_computes_the_full_models_logits_from_the_mapped_weights(tmp_path):
+    d, k = 4, 8
+    weight, bias = benchmark.write_head(tmp_path, k, d)
+    paths = benchmark.write_models(tmp_path, tiny_backbone(d), weight, bias, 5)
+    call, used = benchmark.head_alone(paths["full"], batch=3, settings=timing.session_settings(1, False, CPU))
+    (logits,) = call()
+    assert used == CPU and not (tmp_path / "head_alone.onnx").exists()
+    np.testing.assert_allclose(logits.numpy(), np.ones((3, d), np.float32) @ SyntheticRows(k, d)[:5].T, rtol=1e-5)
 
 
 def test_outputs_are_written_where_asked(tmp_path):
@@ -348,4 +405,6 @@ def test_outputs_are_written_where_asked(tmp_path):
     assert (tmp_path / "p" / "speedup.png").stat().st_size > 0
     assert (tmp_path / "p" / "speedup.csv").read_text().splitlines()[0].startswith("architecture,k,")
     assert len((tmp_path / "p" / "speedup.csv").read_text().splitlines()) == 4
-    assert '"max_full_vs_predicted"' in (tmp_path / "m" / "speedup.json").read_text()
+    figures = (tmp_path / "m" / "speedup.json").read_text()
+    assert '"max_full_vs_floor"' in figures and '"full_vs_floor"' in figures
+    assert len((tmp_path / "p" / "speedup.csv").read_text().splitlines()[1].split(",")) == len(speedup_report.PLOT_FIELDS)
