@@ -1,16 +1,18 @@
 """Load test of `slc serve` on loopback: requests/s and latency for single_logit.onnx vs model.onnx,
-each without and with dynamic batching.
+each without and with dynamic batching, measured in paired rounds.
 
     python -m serving.loadtest exports/batch_ce-s0 --out results/serving.md   # and results/serving.json
 
-For each graph and batching setting a server is started in its own process, warmed up, then
-driven by an asyncio client at each concurrency until a request budget or a time budget runs
-out, whichever is first, so the test always stops by itself. Every request is a real upload (one
-PNG of the model's input size) through the whole HTTP path. Client and server share this
-machine's CPUs, so besides wall time the CPU time each side spent per request is reported: it
-says where the time went even when other work competes for the cores (the load average is
-printed too). The server's own /metrics say how many images each onnxruntime call took, which is
-what batching changes.
+Every graph and batching setting gets a server in its own process, and all of them are up at once.
+At each concurrency they are driven in `--rounds` rounds, each server once per round for a slice of
+the request and time budgets, in a new seeded order each round: the figures of one round are seconds
+apart, so full / single_logit is taken within a round and a drift of this shared machine's speed
+between rounds does not look like the cost of a graph (a fixed order would charge whatever one
+server leaves behind to the next). Every request is a real upload (one PNG of the model's input
+size) through the whole HTTP path. Client and server share this machine's CPUs, so besides wall
+time the CPU time each side spent per request is reported: it says where the time went even when
+other work competes for the cores (the load average is printed too). The server's own /metrics say
+how many images each onnxruntime call took, which is what batching changes.
 The figures are written as JSON beside the Markdown: the README's results section is rendered
 from that JSON with `summary_markdown`, so nothing reads the Markdown back.
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 
 import httpx
@@ -49,6 +52,7 @@ COLUMNS = ("graph", "batch_wait_ms", "concurrency", "requests", "errors", "rps",
 HEADER = ("graph", "batching", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
           "images/call", "server CPU ms/req", "client CPU ms/req")
 NEWER = {"batch_wait_ms", "images_per_call"}  # columns that figures from before batching lack (it was off)
+RATIOS = ("rps", "p50_ms")  # the per-round figures whose full / single_logit ratio is reported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,33 +63,49 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the figures go as JSON (default: --out with .json, which the README reads)")
     parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=1000, help="timed requests per level at most")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per level at most")
-    parser.add_argument("--warmup", type=int, default=50, help="untimed requests before each graph")
+    parser.add_argument("--requests", type=int, default=1000, help="timed requests per level and server at most")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per level and server at most")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds per level: each server gets 1/rounds of the budgets per round")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the order of the servers in each round")
+    parser.add_argument("--warmup", type=int, default=50, help="untimed requests to each server before the levels")
     parser.add_argument("--server-args", default="", help="extra `slc serve` flags, e.g. '--onnx-threads 1'")
     parser.add_argument("--batch-wait-ms", type=positive_ms, default=2.0,
                         help="the batching setting measured beside no batching (`slc serve --batch-wait-ms`)")
     args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= args.requests:
+        parser.error(f"--rounds {args.rounds}: each round needs a request, so 1 <= rounds <= --requests "
+                     f"({args.requests})")
+    if len(set(args.concurrency)) != len(args.concurrency):
+        parser.error(f"--concurrency {' '.join(map(str, args.concurrency))}: name each level once")
     model = SingleLogitModel.load(args.export_dir)
     pool = png_pool(model.input_shape)
-    rows = []
-    for graph in args.graphs:
-        for wait in (None, args.batch_wait_ms):
-            batching = [] if wait is None else ["--batch-wait-ms", str(wait)]
-            with Server(args.export_dir, graph, options=[*args.server_args.split(), *batching]) as server:
-                asyncio.run(drive(server.url, pool, concurrency=1, requests=args.warmup, duration=args.duration))
-                for concurrency in args.concurrency:
-                    rows.append({"graph": graph, "batch_wait_ms": wait, "concurrency": concurrency,
-                                 **measure(server, pool, concurrency, args.requests, args.duration)})
-                    print(" ".join(f"{column}={rows[-1][column]}" for column in COLUMNS), file=sys.stderr)
+    settings = [(graph, wait) for graph in args.graphs for wait in (None, args.batch_wait_ms)]
+    orders = schedule(len(settings), args.concurrency, args.rounds, args.seed)
+    levels = {}
+    with ExitStack() as stack:  # every server up at once, so that each round drives them all
+        servers = [stack.enter_context(Server(args.export_dir, graph, options=[
+            *args.server_args.split(), *([] if wait is None else ["--batch-wait-ms", str(wait)])]))
+            for graph, wait in settings]
+        asyncio.run(warm_up(servers, pool, args.warmup, args.duration))
+        for concurrency in args.concurrency:
+            levels[concurrency] = [combine(rounds) for rounds in asyncio.run(drive_rounds(
+                servers, pool, concurrency, orders[concurrency], budgets(args.requests, args.rounds),
+                args.duration / args.rounds))]
+            for (graph, wait), row in zip(settings, levels[concurrency]):
+                print(f"graph={graph} batch_wait_ms={wait} concurrency={concurrency} "
+                      + " ".join(f"{column}={row[column]}" for column in COLUMNS[3:]), file=sys.stderr)
+    rows = [{"graph": graph, "batch_wait_ms": wait, "concurrency": concurrency, **levels[concurrency][i]}
+            for i, (graph, wait) in enumerate(settings) for concurrency in args.concurrency]
     figures = {"settings": {"export_dir": str(args.export_dir), "server_args": args.server_args,
                             "batch_wait_ms": args.batch_wait_ms, "requests": args.requests,
-                            "duration": args.duration, "warmup": args.warmup},
+                            "duration": args.duration, "rounds": args.rounds, "seed": args.seed,
+                            "warmup": args.warmup},
                "model": {"run_name": model.run_name, "dataset": model.manifest.dataset,
                          "num_classes": model.num_classes, "input_shape": list(model.input_shape),
                          "providers": list(model.providers)},
                "machine": {**machine_info(), "httpx": httpx.__version__},  # after the load: its load average
-               "rows": rows}
+               "rows": rows, "ratios": paired_ratios(rows)}
     report = render(figures)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
@@ -163,18 +183,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(server: Server, pool: list[bytes], concurrency: int, requests: int, duration: float) -> dict:
-    """One level: latency figures, the images per onnxruntime call, and the CPU time server and client
-    spent per answered request."""
-    (calls_before, images_before), server_before, client_before = (server.inference_images(), server.cpu_seconds(),
-                                                                   _own_cpu_seconds())
-    row = asyncio.run(drive(server.url, pool, concurrency, requests, duration))
-    answered = max(row["requests"], 1)
-    row["server_cpu_ms"] = round((server.cpu_seconds() - server_before) / answered * 1e3, 2)
-    row["client_cpu_ms"] = round((_own_cpu_seconds() - client_before) / answered * 1e3, 2)
-    calls, images = server.inference_images()
-    row["images_per_call"] = round((images - images_before) / max(calls - calls_before, 1), 2)
-    return row
+def schedule(servers: int, concurrencies: list[int], rounds: int, seed: int) -> dict[int, list[list[int]]]:
+    """Per concurrency, each round's order of the servers (their indices): seeded, and never the order of
+    the round before, so that no server always follows the same one."""
+    rng = np.random.default_rng(seed)
+    orders = {}
+    for concurrency in concurrencies:
+        orders[concurrency] = []
+        for _ in range(rounds):
+            order = rng.permutation(servers).tolist()
+            while servers > 1 and orders[concurrency] and order == orders[concurrency][-1]:
+                order = rng.permutation(servers).tolist()
+            orders[concurrency].append(order)
+    return orders
+
+
+def budgets(requests: int, rounds: int) -> list[int]:
+    """The request budget cut into `rounds` slices that differ by one at most and add up to it."""
+    return [requests // rounds + (i < requests % rounds) for i in range(rounds)]
+
+
+def client(server: Server, concurrency: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60.0)
+
+
+async def warm_up(servers: list[Server], pool: list[bytes], requests: int, duration: float) -> None:
+    for server in servers:
+        async with client(server, 1) as http:
+            await drive(http, pool, 1, requests, duration)
+
+
+async def drive_rounds(servers: list[Server], pool: list[bytes], concurrency: int, orders: list[list[int]],
+                       requests: list[int], duration: float) -> list[list[dict]]:
+    """One level: in each round every server in that round's order, for that round's slice of the budgets.
+    Each server keeps its own client (and connections) across rounds. Returns each server's rounds."""
+    figures: list[list[dict]] = [[] for _ in servers]
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(client(server, concurrency)) for server in servers]
+        for order, budget in zip(orders, requests):
+            for position, i in enumerate(order):
+                figures[i].append({"position": position,
+                                   **await measure(servers[i], clients[i], pool, concurrency, budget, duration)})
+    return figures
+
+
+async def measure(server: Server, http: httpx.AsyncClient, pool: list[bytes], concurrency: int, requests: int,
+                  duration: float) -> dict:
+    """One server for one round: its latencies, and the onnxruntime calls, images and CPU seconds of server
+    and client spent meanwhile (the server's /metrics are read outside that window)."""
+    (calls, images), server_cpu, client_cpu = server.inference_images(), server.cpu_seconds(), _own_cpu_seconds()
+    figures = await drive(http, pool, concurrency, requests, duration)
+    figures |= {"server_cpu_s": server.cpu_seconds() - server_cpu, "client_cpu_s": _own_cpu_seconds() - client_cpu}
+    calls_after, images_after = server.inference_images()
+    return figures | {"calls": calls_after - calls, "images": images_after - images}
 
 
 def _own_cpu_seconds() -> float:
@@ -182,37 +244,74 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def drive(url: str, pool: list[bytes], concurrency: int, requests: int, duration: float) -> dict:
+async def drive(http: httpx.AsyncClient, pool: list[bytes], concurrency: int, requests: int, duration: float) -> dict:
     """`concurrency` clients in a closed loop until `requests` are sent or `duration` seconds pass."""
     latencies, errors, sent = [], [], 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
-        start = time.perf_counter()
-        deadline = start + duration
+    start = time.perf_counter()
+    deadline = start + duration
 
-        async def worker() -> None:
-            nonlocal sent
-            while sent < requests and time.perf_counter() < deadline:
-                image = pool[sent % len(pool)]
-                sent += 1
-                began = time.perf_counter()
-                try:
-                    response = await client.post("/v1/classes/0/score", files=[("files", ("x.png", image))])
-                except httpx.HTTPError as error:
-                    errors.append(repr(error))
-                    continue
-                if response.status_code != 200:
-                    errors.append(f"{response.status_code}: {response.text[:200]}")
-                    continue
-                latencies.append(time.perf_counter() - began)
+    async def worker() -> None:
+        nonlocal sent
+        while sent < requests and time.perf_counter() < deadline:
+            image = pool[sent % len(pool)]
+            sent += 1
+            began = time.perf_counter()
+            try:
+                response = await http.post("/v1/classes/0/score", files=[("files", ("x.png", image))])
+            except httpx.HTTPError as error:
+                errors.append(repr(error))
+                continue
+            if response.status_code != 200:
+                errors.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            latencies.append(time.perf_counter() - began)
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1e3
-    return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "seconds": round(elapsed, 3), "rps": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
-            "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None}
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "errors": errors, "seconds": time.perf_counter() - start}
+
+
+def combine(rounds: list[dict]) -> dict:
+    """A server's row at one level, over all its rounds (latency percentiles of every request, req/s over
+    the seconds it was driven, CPU and images over its rounds' sums), then each round's own figures."""
+    ms = np.concatenate([r["latencies"] for r in rounds]) * 1e3
+    errors = [error for r in rounds for error in r["errors"]]
+    answered, seconds = len(ms), sum(r["seconds"] for r in rounds)
+    calls, images = sum(r["calls"] for r in rounds), sum(r["images"] for r in rounds)
+    return {"requests": answered, "errors": len(errors), "first_error": errors[0] if errors else None,
+            "seconds": round(seconds, 3), "rps": round(answered / seconds, 1), **percentiles(ms),
+            "server_cpu_ms": round(sum(r["server_cpu_s"] for r in rounds) / max(answered, 1) * 1e3, 2),
+            "client_cpu_ms": round(sum(r["client_cpu_s"] for r in rounds) / max(answered, 1) * 1e3, 2),
+            "images_per_call": round(images / max(calls, 1), 2),
+            "rounds": [{"position": r["position"], "requests": len(r["latencies"]), "seconds": round(r["seconds"], 3),
+                        "rps": round(len(r["latencies"]) / r["seconds"], 1),
+                        "p50_ms": percentiles(np.asarray(r["latencies"]) * 1e3)["p50_ms"]} for r in rounds]}
+
+
+def percentiles(ms: np.ndarray) -> dict:
+    return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) if len(ms) else None for q in (50, 99)}
+
+
+def paired_ratios(rows: list[dict]) -> list[dict]:
+    """full / single_logit of req/s and of p50 within each round, per batching setting and concurrency:
+    both figures of a ratio share the round's state of the machine. Where only one graph was served, none."""
+    by = {(row["graph"], row["batch_wait_ms"], row["concurrency"]): row for row in rows}
+    ratios = []
+    for (graph, wait, concurrency), full in by.items():
+        single = by.get(("single_logit", wait, concurrency))
+        if graph == "full" and single is not None:
+            ratios.append({"batch_wait_ms": wait, "concurrency": concurrency, **{
+                figure: ratio_spread([f[figure] / s[figure] if f[figure] and s[figure] else None
+                                for f, s in zip(full["rounds"], single["rounds"])]) for figure in RATIOS}})
+    return ratios
+
+
+def ratio_spread(per_round: list[float | None]) -> dict:
+    """Median, min and max over the rounds with a ratio (a round that answered nothing has none), and every round's."""
+    kept = [x for x in per_round if x is not None]
+    summary = {"median": float(np.median(kept)), "min": min(kept), "max": max(kept)} if kept else dict.fromkeys(
+        ("median", "min", "max"))
+    return {name: None if x is None else round(x, 3) for name, x in summary.items()} | {
+        "rounds": [None if x is None else round(x, 3) for x in per_round]}
 
 
 def table_markdown(rows: list[dict]) -> str:
@@ -230,29 +329,55 @@ def cell(row: dict, column: str):
     return "" if value is None else value
 
 
-def summary_markdown(figures: dict) -> str:
-    """What was measured, where and how, then the table: the part the README shows too.
+def rounds_markdown(ratios: list[dict]) -> str:
+    """full / single_logit per batching setting and concurrency: median (min–max) and every round."""
+    def figures(ratio: dict) -> list[str]:
+        if ratio["median"] is None:
+            return ["none answered", ""]
+        return [f"{ratio['median']:.3f} ({ratio['min']:.3f}–{ratio['max']:.3f})",
+                " ".join("–" if x is None else f"{x:.3f}" for x in ratio["rounds"])]
+    table = [[cell(r, "batch_wait_ms"), r["concurrency"], *figures(r["rps"]), *figures(r["p50_ms"])] for r in ratios]
+    return tabulate(table, ["batching", "concurrency", "req/s full / single_logit", "per round",
+                            "p50 full / single_logit", "per round"], tablefmt="github", disable_numparse=True)
 
-    `figures` is what `main` writes as JSON: settings, model, machine, rows.
+
+def summary_markdown(figures: dict) -> str:
+    """What was measured, where and how, then the table and the paired rounds: the part the README shows too.
+
+    `figures` is what `main` writes as JSON: settings, model, machine, rows, ratios. Figures from before
+    the rounds (no `rounds` setting, no ratios) render as they were measured, one server after another.
     """
     s, m, model = figures["settings"], figures["machine"], figures["model"]
     c, h, w = model["input_shape"]
     command = f"python -m serving.loadtest {s['export_dir']}" + (
         f" --server-args {s['server_args']!r}" if s["server_args"] else "") + (
-        f" --batch-wait-ms {s['batch_wait_ms']:g}" if s.get("batch_wait_ms") is not None else "")
-    return "\n".join([
+        f" --batch-wait-ms {s['batch_wait_ms']:g}" if s.get("batch_wait_ms") is not None else "") + (
+        f" --rounds {s['rounds']} --seed {s['seed']}" if "rounds" in s else "")
+    if "rounds" in s:
+        budgets = (f"All servers are up at once; at each level they are driven in {s['rounds']} rounds, each server "
+                   f"once a round for 1/{s['rounds']} of the budgets (in all at most {s['requests']} timed requests "
+                   f"or {s['duration']:g} s per server), in a new order each round (seed {s['seed']}), after "
+                   f"{s['warmup']} untimed warm-up requests per server.")
+    else:
+        budgets = (f"Per level: at most {s['requests']} timed requests or {s['duration']:g} s, after {s['warmup']} "
+                   "untimed warm-up requests per server.")
+    lines = [
         f"`{command}` on {m['platform']}, {m['cores']} CPUs (1-min load average {m['load_average'][0]:.2f} at "
         f"the end), Python {m['python']}, onnxruntime {m['onnxruntime']} ({', '.join(model['providers'])}).",
         f"Model: run {model['run_name']} ({model['dataset']}, {model['num_classes']} classes, input [{c}, {h}, {w}]); "
         f"each request uploads one {h}x{w} PNG to `POST /v1/classes/0/score` of `slc serve` (uvicorn, one process).",
-        f"Per level: at most {s['requests']} timed requests or {s['duration']:g} s, after {s['warmup']} untimed "
-        f"warm-up requests per server. Client (httpx, asyncio) and server share the machine over loopback.",
+        f"{budgets} Client (httpx, asyncio) and server share the machine over loopback.",
         *([] if s.get("batch_wait_ms") is None else [  # figures from before batching have no such setting
-            f"Each graph is served without batching, then with `--batch-wait-ms {s['batch_wait_ms']:g}`: concurrent "
+            f"Each graph is served without batching, and with `--batch-wait-ms {s['batch_wait_ms']:g}`: concurrent "
             f"requests share one onnxruntime call, each waiting at most {s['batch_wait_ms']:g} ms for others; "
             f"images/call is the mean the server's /metrics counted."]),
         "",
-        table_markdown(figures["rows"])])
+        table_markdown(figures["rows"])]
+    if figures.get("ratios"):
+        lines += ["", "Rounds: full / single_logit within each round, whose two figures are seconds apart (req/s "
+                  "below 1 or p50 above 1: the full graph is slower); the median (min–max) over the rounds, then "
+                  "each round's.", "", rounds_markdown(figures["ratios"])]
+    return "\n".join(lines)
 
 
 def render(figures: dict) -> str:

@@ -68,6 +68,19 @@ def test_table1_without_settings_still_gives_our_errors_and_says_what_is_missing
     assert "holds no `settings`" in section and "paper MNIST" not in section
 
 
+def test_serving_figures_taken_in_rounds_show_full_over_single_logit_per_round(tmp_path):
+    figures = json.loads((EARLIER_RUN / "results/serving.json").read_text())  # before rounds: none shown above
+    figures["settings"] |= {"batch_wait_ms": 2.0, "rounds": 2, "seed": 0}
+    ratio = {"median": 1.05, "min": 1.0, "max": 1.1, "rounds": [1.1, 1.0]}
+    figures["ratios"] = [{"batch_wait_ms": 2.0, "concurrency": 8, "rps": ratio, "p50_ms": ratio}]
+    write(tmp_path, "results/serving.json", json.dumps(figures))
+    section = results_section(tmp_path)
+    assert "--rounds 2 --seed 0` on" in section and "Rounds: full / single_logit within each round" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 2 ms wait"))
+    assert [cell.strip() for cell in row.strip("|").split("|")] == ["2 ms wait", "8", *["1.050 (1.000–1.100)", "1.100 1.000"] * 2]
+    assert "1504.88" in section  # the table over all rounds as before
+
+
 def test_missing_figures_say_what_writes_them(tmp_path):
     section = results_section(tmp_path)
     assert "`metrics/slc.json` is not there yet: `make run` writes it." in section
