@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint lock ui ui-screenshot serve data scaling dataloading gpu-smoke
+.PHONY: run test test-fast lint lock ui ui-screenshot serve data scaling dataloading search-bench gpu-smoke
 
 run: $(VENV)/.installed data
 	dvc repro
@@ -38,6 +38,13 @@ scaling: $(VENV)/.installed data
 # settings with 0..n workers: metrics/dataloading.json, results/dataloading.md, plots/dataloading.png
 dataloading: $(VENV)/.installed data
 	$(PYTHON) -m pipeline.dataloading
+
+# The search benchmark, on the exports and prepared data of `make run`: a class query at N = 10^4, 10^5, 10^6 stored
+# images against its memory-bandwidth limit and the full head, index build rates (in-process and Ray Data), and
+# search's precision and recall against evaluate's per loss. N = 10^6 holds about 10 GB of memory and 5 GB of temp
+# files: metrics/search.json, results/search.md, plots/search.png, docs/search_example.png
+search-bench: $(VENV)/.installed
+	$(PYTHON) -m pipeline.search_bench
 
 # The GPU proof, one command on a CUDA machine (at most 8 minutes, offline): the GPU path trained, evaluated,
 # exported, checked against the CPU and timed: metrics/gpu_smoke.json, results/gpu_smoke.md. Without a GPU it stops
