@@ -70,13 +70,14 @@ def time_call(call: Callable[[], object], warmup: int, repeats: int) -> dict[str
 
 def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int,
                      rounds: int = 1) -> dict[str, dict]:
-    """Time several models interleaved, one run of each per sweep, so a busy neighbour or a clock
-    change slows every model alike and their ratios hold. Each sweep runs them in a new seeded order:
-    a call can slow the one after it (torch.sum's threads slowed the next model by 5%), and a fixed
-    order would always charge that to the same model. The sweeps are cut into `rounds` consecutive
-    blocks and each model's median per block is kept (`rounds_ms`): figures of one round share the
-    machine's state, so a ratio taken within a round does not see the drift between rounds (a shared
-    machine's bandwidth and clock change within minutes)."""
+    """Time several models interleaved, one timed run of each per sweep, so a busy neighbour or a
+    clock change slows every model alike and their ratios hold. A call can slow the one after it (a
+    1 GiB read leaves the caches cold: a 0.2 ms model timed after it ran up to 2.3x as long; torch.sum's
+    threads slowed the next model 5%), so each timed run follows an untimed run of the same model, and
+    each sweep goes in a new seeded order. The sweeps are cut into `rounds` consecutive blocks and each
+    model's median per block is kept (`rounds_ms`): figures of one round share the machine's state, so a
+    ratio taken within a round does not see the drift between rounds (a shared machine's bandwidth and
+    clock change within minutes)."""
     if not 1 <= rounds <= repeats:
         raise ValueError(f"time_interleaved: rounds={rounds} must be between 1 and repeats={repeats}")
     for call in calls.values():
@@ -86,6 +87,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeat
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name in order.permutation(list(calls)):
+            calls[name]()  # untimed: the timed run finds the caches as this model leaves them
             start = time.perf_counter()
             calls[name]()
             seconds[name].append(time.perf_counter() - start)

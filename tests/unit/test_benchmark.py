@@ -135,14 +135,15 @@ def test_time_call_warms_up_before_timing_and_times_each_repeat():
     assert len(calls) == 10 and result["repeats"] == 7
 
 
-def test_interleaved_timing_runs_each_call_once_a_sweep_in_a_changing_seeded_order():
+def test_interleaved_timing_runs_each_call_twice_a_sweep_in_a_changing_seeded_order():
     def sweeps():
         order = []
         result = timing.time_interleaved({name: (lambda name=name: order.append(name)) for name in "abcd"},
                                          warmup=1, repeats=6)
         assert {name: r["repeats"] for name, r in result.items()} == dict.fromkeys("abcd", 6)
-        timed = ["".join(order[i:i + 4]) for i in range(4, len(order), 4)]  # after one warm-up run each
-        assert all(sorted(sweep) == list("abcd") for sweep in timed)
+        timed = ["".join(order[i:i + 8]) for i in range(4, len(order), 8)]  # after one warm-up run each
+        assert all(sorted(sweep) == sorted("aabbccdd") and all(sweep[i] == sweep[i + 1] for i in range(0, 8, 2))
+                   for sweep in timed)  # each timed run right after an untimed run of the same call
         return timed
 
     first = sweeps()
