@@ -53,7 +53,8 @@ class QuerySettings:
 
 class Recorded:
     """A call that keeps the seconds of each of its runs: time_interleaved summarises by median and
-    p10/p90, and a query's p99 wants every run."""
+    p10/p90, and a query's p99 wants every run. Its p99 is over every run after the warm-up, those
+    time_interleaved runs untimed (to warm the caches for the timed one) included: a tail has them too."""
 
     def __init__(self, call: Callable[[], object]):
         self.call, self.seconds = call, []

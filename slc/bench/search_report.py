@@ -98,7 +98,8 @@ def method_markdown(study: dict) -> str:
         "and scaled by N k over its size (the whole product at the slice's FLOP rate F). Physics: the larger of",
         "2 N k d FLOPs at F and reading N d + k d floats at B, over the read limit. Each N's calls are timed",
         f"interleaved in {s['rounds']} rounds of {s['repeats']} runs after {s['warmup']} warm-up runs; ms are medians",
-        "(p99 in brackets), q/s one stream's (1000 / median), every ratio the median of its rounds'."])
+        "(p99 in brackets, over every run of the call after the warm-up), q/s one stream's (1000 / median), every",
+        "ratio the median of its rounds'."])
 
 
 def build_intro(study: dict) -> str:
@@ -137,7 +138,7 @@ def write_plot(study: dict, path: Path) -> None:
     queries = dict(sorted(study["queries"].items(), key=lambda item: int(item[0])))
     n = [int(key) for key in queries]
     figure, (latency, build) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [2, 1]})
-    for key, label, style in (("exact_ms", "exact (flat)", "o-"), ("limit_ms", "read limit N d 4 / B", "k:"),
+    for key, label, style in (("exact_ms", "exact (flat)", "o-"), ("limit_ms", "read limit N d 4 / B", "k+:"),
                               ("compressed_ms", "sq8", "s-")):
         latency.plot(n, [q[key] for q in queries.values()], style, label=label)
     for k in next(iter(queries.values()))["full_ms"]:
