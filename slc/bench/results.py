@@ -29,7 +29,8 @@ class Timing(_Record):
     p90_ms: float
     min_ms: float
     mean_ms: float
-    repeats: int
+    repeats: int                 # timed samples
+    runs_per_sample: int = 1     # back-to-back runs a sample averages (more than 1 for a fast model; 1 before it was)
     rounds_ms: list[float]       # the median of each round (`slc.bench.timing.time_interleaved`)
     load_s: float
     providers_used: list[str]

@@ -9,6 +9,7 @@ figures.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+MIN_SAMPLE_S = 0.005  # a timed sample of a faster model is the mean of back-to-back runs this long
 
 
 def session_settings(threads: int, prepacking: bool, providers: list[str]) -> dict:
@@ -70,28 +72,34 @@ def time_call(call: Callable[[], object], warmup: int, repeats: int) -> dict[str
 
 def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int,
                      rounds: int = 1) -> dict[str, dict]:
-    """Time several models interleaved, one timed run of each per sweep, so a busy neighbour or a
+    """Time several models interleaved, one timed sample of each per sweep, so a busy neighbour or a
     clock change slows every model alike and their ratios hold. A call can slow the one after it (a
     1 GiB read leaves the caches cold: a 0.2 ms model timed after it ran up to 2.3x as long; torch.sum's
-    threads slowed the next model 5%), so each timed run follows an untimed run of the same model, and
-    each sweep goes in a new seeded order. The sweeps are cut into `rounds` consecutive blocks and each
-    model's median per block is kept (`rounds_ms`): figures of one round share the machine's state, so a
-    ratio taken within a round does not see the drift between rounds (a shared machine's bandwidth and
-    clock change within minutes)."""
+    threads slowed the next model 5%), so each sample follows an untimed run of the same model, and
+    each sweep goes in a new seeded order. A sample is one run, or for a model faster than
+    MIN_SAMPLE_S the mean of as many back-to-back runs as make it that long (`runs_per_sample`, from
+    the warm-up's pace): a 0.1 ms model's single runs jittered by a third. The sweeps are cut into
+    `rounds` consecutive blocks and each model's median per block is kept (`rounds_ms`): figures of one
+    round share the machine's state, so a ratio taken within a round does not see the drift between
+    rounds (a shared machine's bandwidth and clock change within minutes)."""
     if not 1 <= rounds <= repeats:
         raise ValueError(f"time_interleaved: rounds={rounds} must be between 1 and repeats={repeats}")
-    for call in calls.values():
+    runs = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
         for _ in range(warmup):
             call()
+        runs[name] = max(1, math.ceil(MIN_SAMPLE_S * warmup / (time.perf_counter() - start))) if warmup else 1
     order = np.random.default_rng(0)
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name in order.permutation(list(calls)):
-            calls[name]()  # untimed: the timed run finds the caches as this model leaves them
+            calls[name]()  # untimed: the sample finds the caches as this model leaves them
             start = time.perf_counter()
-            calls[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: {**spread(seconds[name]),
+            for _ in range(runs[name]):
+                calls[name]()
+            seconds[name].append((time.perf_counter() - start) / runs[name])
+    return {name: {**spread(seconds[name]), "runs_per_sample": runs[name],
                    "rounds_ms": [float(np.median(block)) * 1e3 for block in np.array_split(seconds[name], rounds)]}
             for name in calls}
 

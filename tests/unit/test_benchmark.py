@@ -83,7 +83,8 @@ def test_prediction_is_backbone_plus_one_read_of_the_head():
 def rounds_timing(rounds_ms: list[float]) -> dict:
     median = float(np.median(rounds_ms))
     return {"median_ms": median, "p10_ms": min(rounds_ms), "p90_ms": max(rounds_ms), "min_ms": min(rounds_ms),
-            "mean_ms": median, "repeats": 30, "rounds_ms": rounds_ms, "load_s": 0.1, "providers_used": CPU}
+            "mean_ms": median, "repeats": 30, "runs_per_sample": 1, "rounds_ms": rounds_ms, "load_s": 0.1,
+            "providers_used": CPU}
 
 
 def paired(backbone: list[float], full: list[float], single: list[float], head: list[float], gbps: list[float],
@@ -139,9 +140,9 @@ def test_interleaved_timing_runs_each_call_twice_a_sweep_in_a_changing_seeded_or
     def sweeps():
         order = []
         result = timing.time_interleaved({name: (lambda name=name: order.append(name)) for name in "abcd"},
-                                         warmup=1, repeats=6)
+                                         warmup=0, repeats=6)
         assert {name: r["repeats"] for name, r in result.items()} == dict.fromkeys("abcd", 6)
-        timed = ["".join(order[i:i + 8]) for i in range(4, len(order), 8)]  # after one warm-up run each
+        timed = ["".join(order[i:i + 8]) for i in range(0, len(order), 8)]
         assert all(sorted(sweep) == sorted("aabbccdd") and all(sweep[i] == sweep[i + 1] for i in range(0, 8, 2))
                    for sweep in timed)  # each timed run right after an untimed run of the same call
         return timed
@@ -149,6 +150,23 @@ def test_interleaved_timing_runs_each_call_twice_a_sweep_in_a_changing_seeded_or
     first = sweeps()
     assert len(set(first)) > 1  # no call always runs after the same one
     assert sweeps() == first  # seeded: a rerun times in the same order
+
+
+def test_a_fast_calls_sample_averages_back_to_back_runs_as_long_as_the_minimum(monkeypatch):
+    clock, runs = [0.0], {"fast": 0, "slow": 0}
+
+    def call(name: str, seconds: float):
+        runs[name] += 1
+        clock[0] += seconds
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    result = timing.time_interleaved({"fast": lambda: call("fast", 0.002), "slow": lambda: call("slow", 0.050)},
+                                     warmup=2, repeats=4, rounds=2)
+    assert timing.MIN_SAMPLE_S == 0.005  # so a 2 ms call is timed 3 at a time, a 50 ms one alone
+    assert result["fast"]["runs_per_sample"] == 3 and result["slow"]["runs_per_sample"] == 1
+    assert runs == {"fast": 2 + 4 * (1 + 3), "slow": 2 + 4 * (1 + 1)}  # warm-up, then an untimed run per sample
+    assert result["fast"]["median_ms"] == pytest.approx(2.0) and result["fast"]["rounds_ms"] == pytest.approx([2, 2])
+    assert result["slow"]["median_ms"] == pytest.approx(50.0)
 
 
 def test_rounds_are_consecutive_blocks_of_sweeps_each_with_its_own_median(monkeypatch):
