@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 LOCK := requirements.lock
 
-.PHONY: run test test-fast lint lock ui ui-screenshot serve data scaling dataloading search-bench gpu-smoke
+.PHONY: run test test-fast lint lock ui ui-screenshot serve data scaling dataloading search-bench ray-overhead gpu-smoke
 
 run: $(VENV)/.installed data
 	dvc repro
@@ -45,6 +45,13 @@ dataloading: $(VENV)/.installed data
 # files: metrics/search.json, results/search.md, plots/search.png, docs/search_example.png
 search-bench: $(VENV)/.installed
 	$(PYTHON) -m pipeline.search_bench
+
+# Ray's cost: the default grid and a small-data grid (scikit-learn's digits, 40 epochs) through the train
+# stage's Ray path and through a plain train_one loop (26 min on 2 cores): metrics/ray_overhead.json,
+# results/ray_overhead.md, plots/ray_overhead.png
+ray-overhead: $(VENV)/.installed data
+	dvc repro prepare
+	$(PYTHON) -m pipeline.ray_overhead
 
 # The GPU proof, one command on a CUDA machine (at most 8 minutes, offline): the GPU path trained, evaluated,
 # exported, checked against the CPU and timed: metrics/gpu_smoke.json, results/gpu_smoke.md. Without a GPU it stops

@@ -69,8 +69,9 @@ class _Recorder(tune.Callback):
                                 "fingerprint": spec["fingerprint"]})
         if record.finished:
             try:
-                record = record.model_copy(update={"model_dir": str(self._save_model(config,
-                                                                                     outcome["checkpoint_path"]))})
+                began = time.perf_counter()
+                model_dir = self._save_model(config, outcome["checkpoint_path"])
+                record = record.model_copy(update={"model_dir": str(model_dir), "save_s": time.perf_counter() - began})
             except Exception as error:  # a model that cannot be saved is a failed trial, not a failed grid
                 log.exception("%s: saving the model failed", spec["run_name"])
                 record = record.model_copy(update={"status": "failed",

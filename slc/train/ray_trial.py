@@ -37,6 +37,10 @@ QUIET_TRAIN_WORKERS = {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}
 # On a local cluster no node is ever drained, so Ray Train's preemption watcher has nothing to watch;
 # killed with each finished run, it left an `E ... core_worker.cc ... PreemptionWatcher` line per trial
 LOCAL_CLUSTER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train's controller collects reports when it polls the workers, every 2 s by default, and a worker's
+# report waits while the one before it is uncollected: an epoch shorter than that waited out the rest
+# (digits, 40 epochs of 0.1 s: 188 s a trial). Polled every 0.2 s, a report waits at most that long.
+TRAIN_CONTROLLER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # Ray's worker processes log from WARNING up, as the driver does ("Setting up process group" once a trial)
 QUIET_WORKERS = ray.LoggingConfig(log_level="WARNING")
 
@@ -47,11 +51,13 @@ def connect(cfg: RayConfig) -> dict[str, float]:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.address
         if address:
-            ray.init(address=address)  # Ray's own lines say which cluster, and are the cluster owner's to tune
+            # Ray's own lines say which cluster, and are the cluster owner's to tune
+            ray.init(address=address, runtime_env={"env_vars": TRAIN_CONTROLLER_ENV})
         else:
             # "local": a new instance even when a stale `ray start` left its address behind
             ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), logging_level=logging.WARNING,
-                     logging_config=QUIET_WORKERS, runtime_env={"env_vars": LOCAL_CLUSTER_ENV})
+                     logging_config=QUIET_WORKERS,
+                     runtime_env={"env_vars": {**LOCAL_CLUSTER_ENV, **TRAIN_CONTROLLER_ENV}})
     return ray.cluster_resources()
 
 
@@ -99,7 +105,10 @@ def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
 
 
 def _train_worker(config: dict) -> dict | None:
-    """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any."""
+    """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any. Says
+    how long it took to start (since its trial began), to train, and how much of that it spent in
+    Ray's report: where a trial's seconds go besides training (`pipeline.ray_overhead`)."""
+    startup_s = time.time() - config["started_at"]  # one machine's clock on a local cluster
     from ray.train import Checkpoint, get_checkpoint, report
     from ray.train.torch import get_device, prepare_model
 
@@ -110,12 +119,14 @@ def _train_worker(config: dict) -> dict | None:
 
     run = run_of(config["loss"], config["seed"], from_dict(ModelConfig, config["model"], "model"),
                  from_dict(TrainConfig, config["train"], "train"))
-    data, checkpoint, samplers, trained = PreparedData(config["data"]), get_checkpoint(), [], []
+    data, checkpoint, samplers, trained, reporting = PreparedData(config["data"]), get_checkpoint(), [], [], []
 
     def on_epoch(epoch: EpochReport) -> None:
         trained.append(epoch.epoch)
         saved = Checkpoint.from_directory(epoch.checkpoint_dir) if epoch.checkpoint_dir else None
+        began = time.perf_counter()
         report({"epoch": epoch.epoch, **{key: getattr(epoch, key) for key in EPOCH_METRICS}}, checkpoint=saved)
+        reporting.append(time.perf_counter() - began)
 
     with tempfile.TemporaryDirectory() as workdir, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as resume:
@@ -134,6 +145,7 @@ def _train_worker(config: dict) -> dict | None:
     return {"status": result.status, "error": result.error, "epochs": result.epochs_completed,
             **{key: getattr(last, key) if last else None for key in EPOCH_METRICS},
             "samples_per_s": _finite(sum(speeds)), "head_init_s": result.head_init_s,
+            "startup_s": startup_s, "train_s": result.wall_s, "report_s": sum(reporting),
             "resumed_from_epoch": result.epochs_completed - len(trained),
             "world_size": len(shards), "shard_sizes": [len(s) for s in shards],
             "distinct_samples": len(set().union(*map(set, shards)))}
@@ -151,7 +163,8 @@ def run_trial(config: dict) -> dict:
     started = time.perf_counter()
     trainer = TorchTrainer(
         _train_worker, train_loop_config={**trial, **{k: config[k] for k in ("model", "train", "data")},
-                                          "cpus": config["worker_resources"]["CPU"]},
+                                          "cpus": config["worker_resources"]["CPU"],
+                                          "started_at": time.time()},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker=config["worker_resources"]),
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),

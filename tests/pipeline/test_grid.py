@@ -86,6 +86,9 @@ def test_grid_trains_each_loss_with_two_ddp_ranks_and_records_it(prepared, tmp_p
     for r in records:  # two ranks, each on its own half of the 1,800 training images
         assert r.world_size == 2 and r.shard_sizes == [900, 900] and r.distinct_samples == 1800
         assert r.error is None and r.wall_time_s > 0 and r.samples_per_s > 0 and r.head_init_s > 0
+        # where its seconds went (pipeline.ray_overhead): each phase measured, none beyond the trial's wall
+        assert 0 < r.startup_s and 0 < r.report_s < r.train_s and r.startup_s + r.train_s < r.wall_time_s
+        assert r.save_s > 0
         model, info = load_trained(r.model_dir)
         assert info["run_name"] == r.run_name and info["loss"] == r.loss
 
