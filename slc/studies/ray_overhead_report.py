@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from slc.core.files import write_json
+from slc.core.files import save_figure, write_json, write_text_atomic
 from slc.studies.ray_overhead import summary
 
 TITLE = "Ray's cost on a grid: the train stage through Ray against a plain loop"
@@ -94,14 +94,11 @@ def write_plot(figures: dict, path: Path) -> None:
         axis.set_title(title, fontsize=10)
     trial.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(study: dict, metrics_path: Path, table: Path, plot: Path) -> None:
     figures = metrics(study)
     write_json(metrics_path, figures)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(report_markdown(figures))
     write_plot(figures, plot)
+    write_text_atomic(table, report_markdown(figures) + "\n")
