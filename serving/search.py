@@ -10,12 +10,17 @@ FAISS keeps inner products strictly above the radius and computes them in float3
 is lowered by a bound on that error and the candidates' logits are computed again from their stored
 vectors in float64 (the same numbers whichever query finds an image); `logit >= threshold` then
 decides exactly. With the sq8 index the stored vectors, hence the logits, are quantised.
+
+FAISS searches one query on one core, so the stored images are dealt into one shard per thread, each
+searched by its own thread (FAISS lets go of the GIL): a query at a million images reads the features
+with every core, as close to the memory's speed as a single read gets.
 """
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -42,16 +47,41 @@ class Hits:
     paths: list[str | None]  # the file each image came from, None for images given as arrays
 
 
+@dataclass
+class Shard:
+    """Some of the stored images in one FAISS index, searched by one thread. Its images are runs of
+    consecutive ids: run r holds ids global_starts[r]... from position local_starts[r] on."""
+    index: faiss.Index
+    local_starts: list[int] = field(default_factory=list)
+    global_starts: list[int] = field(default_factory=list)
+
+    def append(self, codes: np.ndarray, first_id: int) -> None:
+        """Images with ids first_id, first_id + 1, ... given as their FAISS codes."""
+        self.local_starts.append(self.index.ntotal)
+        self.global_starts.append(first_id)
+        self.index.add_sa_codes(codes)
+
+    def ids(self, local: np.ndarray) -> np.ndarray:
+        run = np.searchsorted(self.local_starts, local, side="right") - 1
+        return local - np.asarray(self.local_starts, np.int64)[run] + np.asarray(self.global_starts, np.int64)[run]
+
+
 class SearchIndex:
     """An index directory opened through the export it was built with (checked), safe to query and add
     to from many threads: a query never sees half an add. Adds by other processes are seen at the next query."""
 
-    def __init__(self, index_dir: Path, model: SingleLogitModel, backbone: Backbone, head: HeadRows):
+    def __init__(self, index_dir: Path, model: SingleLogitModel, backbone: Backbone, head: HeadRows,
+                 shards: int | None = None):
         self.index_dir, self.model, self.backbone, self.head = Path(index_dir), model, backbone, head
         self._lock = threading.RLock()
         self._seen: tuple | None = None  # index.json's identity when last read
         self.manifest: IndexManifest | None = None
-        self._index: faiss.Index | None = None
+        self._shard_count = shards or faiss.omp_get_max_threads()
+        self._shards: list[Shard] = []
+        # one FAISS thread each: a worker's FAISS call must not start an OpenMP team of its own
+        self._pool = ThreadPoolExecutor(self._shard_count, thread_name_prefix="search-shard",
+                                        initializer=faiss.omp_set_num_threads, initargs=(1,))
+        self._count = 0
         self._template: faiss.Index | None = None  # empty (sq8: trained) index that new segments copy
         self._paths: list[str | None] = []
         self._max_norm = 0.0
@@ -60,20 +90,21 @@ class SearchIndex:
     def open(cls, index_dir: str | Path, model: SingleLogitModel | None = None, threads: int | None = None,
              **load) -> SearchIndex:
         """The index at `index_dir`, through `model` (default: the export it records, loaded with `load`'s
-        options of SingleLogitModel.load); refused if that export's backbone or head is not the index's."""
+        options of SingleLogitModel.load); refused if that export's backbone or head is not the index's.
+        `threads`: the backbone's and a query's (default: onnxruntime's and OpenMP's, every core)."""
         index_dir = Path(index_dir)
         manifest = store.read_manifest(index_dir)
         model = model or SingleLogitModel.load(manifest.export["dir"], **load)
         backbone = Backbone(model.export_dir, model.manifest, model.providers, threads)
         head = HeadRows(model.export_dir, model.manifest)
         check_bound(manifest, bound_files(model.manifest, backbone, head, model.export_dir), model.export_dir, index_dir)
-        index = cls(index_dir, model, backbone, head)
+        index = cls(index_dir, model, backbone, head, threads)
         index.refresh()
         return index
 
     def __len__(self) -> int:
         with self._lock:
-            return self._index.ntotal
+            return self._count
 
     def refresh(self) -> None:
         """Load the segments listed since the last look at index.json (one stat when there are none)."""
@@ -87,18 +118,26 @@ class SearchIndex:
             if manifest.segments[:len(have)] != have:
                 raise IndexFileError(f"{self.index_dir / store.MANIFEST} no longer lists the segments it listed: the index "
                                      f"was replaced while open; open it again")
-            if self._index is None:
-                self._index = store.KINDS[manifest.kind](manifest.feature_dim)
             for segment in manifest.segments[len(have):]:
                 part, paths = store.read_segment(self.index_dir, segment)
                 if self._template is None:
                     self._template = faiss.clone_index(part)
                     self._template.reset()
-                    self._index = faiss.clone_index(self._template)
-                self._index.merge_from(part)
+                    self._shards = [Shard(faiss.clone_index(self._template)) for _ in range(self._shard_count)]
+                self._deal(part, segment["start"])
                 self._paths += paths
                 self._max_norm = max(self._max_norm, segment["max_norm"])
             self.manifest, self._seen = manifest, seen
+
+    def _deal(self, part: faiss.Index, first_id: int) -> None:
+        """A segment's images into the shards in consecutive runs, the largest run to the smallest shard."""
+        codes = faiss.vector_to_array(part.codes).reshape(part.ntotal, part.code_size)
+        runs = np.linspace(0, len(codes), self._shard_count + 1).round().astype(int)
+        runs = sorted(zip(runs[:-1], runs[1:]), key=lambda run: run[0] - run[1])
+        for (start, stop), shard in zip(runs, sorted(self._shards, key=lambda shard: shard.index.ntotal)):
+            if stop > start:
+                shard.append(codes[start:stop], first_id + int(start))
+        self._count += len(codes)
 
     def add(self, images, paths: list[str] | None = None) -> range:
         """Index images (any form SingleLogitModel.prepare takes), all or none; their ids are returned
@@ -133,14 +172,17 @@ class SearchIndex:
         row, bias = self.head.row(class_id)
         with self._lock:
             self.refresh()
-            ids = self._candidates(row, bias, threshold, offset + (limit or 0))
-            logits = self._logits(ids, row, bias)
+            radius = None if threshold is None else self._radius(row, bias, threshold)
+            found = list(self._pool.map(lambda shard: self._shard_hits(shard, row, bias, radius, offset + (limit or 0)),
+                                        self._shards))
+            ids = np.concatenate([np.zeros(0, np.int64), *(shard_ids for shard_ids, _ in found)])
+            logits = np.concatenate([np.zeros(0), *(shard_logits for _, shard_logits in found)])
             keep = np.ones(len(ids), bool) if threshold is None else logits >= threshold
             ids, logits = ids[keep], logits[keep]
             order = np.lexsort((ids, -logits))[offset:None if limit is None else offset + limit]
             paths = [self._paths[i] for i in ids[order]]
-        return Hits(class_id, None if threshold is None else recall, threshold,
-                    self._index.ntotal if threshold is None else len(ids), ids[order], logits[order], paths)
+            total = self._count if threshold is None else len(ids)
+        return Hits(class_id, None if threshold is None else recall, threshold, total, ids[order], logits[order], paths)
 
     def _threshold(self, class_id: int, recall, threshold) -> float | None:
         if recall is not None and threshold is not None:
@@ -157,23 +199,33 @@ class SearchIndex:
                                  f"no example of it); give --threshold or --limit instead")
         return value
 
-    def _candidates(self, row: np.ndarray, bias: float, threshold: float | None, top: int) -> np.ndarray:
-        """Ids of every image that may have z_c >= threshold (a superset), or of the `top` best."""
-        if self._index.ntotal == 0:
-            return np.zeros(0, np.int64)
-        if threshold is None:
-            return self._index.search(row[None], min(top, self._index.ntotal))[1][0]
+    def _radius(self, row: np.ndarray, bias: float, threshold: float) -> float:
+        """An inner product below every stored image's with z_c >= threshold, float32 error included."""
         # float32 inner products err by at most d u |w| |x| (u = 2^-24): four times that, below the radius
         error = 4 * len(row) * 2.0 ** -24 * float(np.linalg.norm(row.astype(np.float64))) * self._max_norm
-        radius = np.nextafter(np.float32(threshold - bias - error - abs(threshold - bias) * 2.0 ** -22), np.float32(-np.inf))
-        return self._index.range_search(row[None], float(radius))[2]
+        return float(np.nextafter(np.float32(threshold - bias - error - abs(threshold - bias) * 2.0 ** -22),
+                                  np.float32(-np.inf)))
 
-    def _logits(self, ids: np.ndarray, row: np.ndarray, bias: float) -> np.ndarray:
-        """z_c of stored images in float64, row by row, so an image has one logit whichever query finds it."""
-        row64 = row.astype(np.float64)
-        logits = [(self._index.reconstruct_batch(ids[i:i + LOGIT_ROWS]).astype(np.float64) * row64).sum(axis=1) + bias
-                  for i in range(0, len(ids), LOGIT_ROWS)]
-        return np.concatenate(logits) if logits else np.zeros(0)
+    @staticmethod
+    def _shard_hits(shard: Shard, row: np.ndarray, bias: float, radius: float | None,
+                    top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and logits of a shard's images that may reach the threshold (inner product above `radius`,
+        a superset), or with no radius of its `top` best."""
+        if shard.index.ntotal == 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        if radius is None:
+            local = shard.index.search(row[None], min(top, shard.index.ntotal))[1][0]
+        else:
+            local = shard.index.range_search(row[None], radius)[2]
+        return shard.ids(local), logits(shard.index, local, row, bias)
+
+
+def logits(index: faiss.Index, ids: np.ndarray, row: np.ndarray, bias: float) -> np.ndarray:
+    """z_c of stored images in float64, row by row, so an image has one logit whichever query finds it."""
+    row64 = row.astype(np.float64)
+    out = [(index.reconstruct_batch(ids[i:i + LOGIT_ROWS]).astype(np.float64) * row64).sum(axis=1) + bias
+           for i in range(0, len(ids), LOGIT_ROWS)]
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def check_bound(manifest: IndexManifest, files: dict[str, str], export_dir: Path, index_dir: Path) -> None:

@@ -269,3 +269,23 @@ def test_an_index_moved_with_its_export_is_opened_through_the_export_given(index
     moved = shutil.copytree(export_dir, tmp_path / "moved" / "ce-s0")
     reopened = SearchIndex.open(index.index_dir, SingleLogitModel.load(moved))
     assert len(reopened) == N and json.loads((index.index_dir / "index.json").read_text())["export"]["run_name"] == "ce-s0"
+
+
+@pytest.mark.parametrize("kind", ["flat", "sq8"])
+def test_a_query_over_any_number_of_shards_finds_the_same_images_and_logits(export_dir, source, images, tmp_path, kind):
+    """The images are dealt into one shard per query thread, segment by segment (here 16 + 16 + 8, then
+    adds of 1 and 5): however many shards, every query returns what one shard does, and they stay even."""
+    build(export_dir, source, tmp_path / kind, index=kind, chunk_images=16)
+    SearchIndex.open(tmp_path / kind).add(images[:1])
+    SearchIndex.open(tmp_path / kind).add(images[1:6])
+    one, three = SearchIndex.open(tmp_path / kind, threads=1), SearchIndex.open(tmp_path / kind, threads=3)
+    assert len(one) == len(three) == N + 6
+    sizes = [shard.index.ntotal for shard in three._shards]
+    assert sum(sizes) == N + 6 and max(sizes) - min(sizes) <= 2, sizes
+    for class_id in range(len(CLASSES)):
+        median = float(np.median(one.search(class_id, limit=N + 6).logits))
+        for query in ({"threshold": median}, {"limit": 7, "offset": 3}, {"threshold": -1e9, "limit": 5, "offset": 40}):
+            a, b = one.search(class_id, **query), three.search(class_id, **query)
+            assert a.total == b.total and a.ids.tolist() == b.ids.tolist() and a.paths == b.paths
+            np.testing.assert_array_equal(a.logits, b.logits)
+        assert 0 < one.search(class_id, threshold=median).total < N + 6  # a threshold that splits them
