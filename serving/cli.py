@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-threads", type=positive, default=None,
                        help="requests decoded and scored at once (default: one per CPU)")
     serve.add_argument("--onnx-threads", type=positive, default=None,
-                       help="onnxruntime intra-op threads per inference (default: onnxruntime's, one per core)")
+                       help="onnxruntime intra-op threads per inference, and with --index the threads (shards) "
+                            "of a search (default: one per core)")
     serve.add_argument("--batch-wait-ms", type=positive_ms, default=None, metavar="MS",
                        help="share onnxruntime calls between concurrent requests, each waiting at most MS ms "
                             "for others (default: no batching)")
