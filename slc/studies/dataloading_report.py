@@ -30,8 +30,8 @@ def figures_markdown(study: dict) -> str:
         for w, value in rate.items():
             gain = f"x{value / rate['0']:.2f}" if "0" in rate else "n/a"
             rows.append([name, w, f"{value:,.1f}", f"{kind['images_per_s_min'][w]:,.1f}",
-                         f"{kind['images_per_s_max'][w]:,.1f}", gain, f"{kind['startup_s'][w]:.3f}"])
-    return tabulate(rows, ("kind", "workers", "images/s (median)", "min", "max", "vs 0 workers", "start-up s"),
+                         f"{kind['images_per_s_max'][w]:,.1f}", gain, f"{kind['startup_s'][w] * 1000:.1f}"])
+    return tabulate(rows, ("kind", "workers", "images/s (median)", "min", "max", "vs 0 workers", "start-up ms"),
                     tablefmt="github", disable_numparse=True)
 
 
