@@ -34,9 +34,11 @@ class TrialRecord(BaseModel):
     samples_per_s: float | None = None  # training throughput over every DDP worker
     head_init_s: float | None = None    # seconds train.head_init took before the first step
     # where a trial's wall time went (pipeline.ray_overhead): its Train worker starting (controller, worker
-    # process, process group), train_one (epochs, validation, checkpoints, and reporting to Ray), the part
-    # of that blocked in Ray's report, and the driver saving the model and logging it to MLflow
+    # process, process group), of which the part until the worker's process existed, train_one (epochs,
+    # validation, checkpoints, and reporting to Ray), the part of that blocked in Ray's report, and the
+    # driver saving the model and logging it to MLflow
     startup_s: float | None = None
+    spawn_s: float | None = None
     train_s: float | None = None
     report_s: float | None = None
     save_s: float | None = None

@@ -5,7 +5,7 @@ trials each fitting a Train `TorchTrainer`, a checkpoint reported every epoch, t
 model and recording the trial in MLflow). The plain loop is what a user without Ray would write:
 `train_one` for each (loss, seed), one after another in this process with every CPU, loading as the
 Train workers do, each model saved as the stage saves it, no MLflow. Each trial's record says where its seconds went
-(`TrialRecord.startup_s`, `train_s`, `report_s`, `save_s`). A benchmark, not a test: nothing
+(`TrialRecord.startup_s`, `spawn_s`, `train_s`, `report_s`, `save_s`). A benchmark, not a test: nothing
 asserts a speed.
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def through_ray(params: Params, data_root: Path, workdir: Path) -> dict:
 def phases(record: TrialRecord) -> dict:
     """Where one Ray trial's wall time went; `teardown_s` is what is left after its worker returned."""
     figures = {"status": record.status, "wall_s": record.wall_time_s, "startup_s": record.startup_s,
-               "train_s": record.train_s, "report_s": record.report_s, "save_s": record.save_s}
+               "spawn_s": record.spawn_s, "train_s": record.train_s, "report_s": record.report_s, "save_s": record.save_s}
     if None not in (record.wall_time_s, record.startup_s, record.train_s):
         figures["teardown_s"] = record.wall_time_s - record.startup_s - record.train_s
     return figures
@@ -128,7 +128,7 @@ def summary(grid: dict) -> dict:
 
     ray_trials, plain_trials = grid["ray"]["trials"], grid["plain"]["trials"]
     out = {f"ray_{key}": median(ray_trials, key)
-           for key in ("wall_s", "startup_s", "train_s", "report_s", "teardown_s", "save_s")}
+           for key in ("wall_s", "startup_s", "spawn_s", "train_s", "report_s", "teardown_s", "save_s")}
     out |= {f"plain_{key}": median(plain_trials, key) for key in ("wall_s", "train_s", "save_s")}
     return out
 

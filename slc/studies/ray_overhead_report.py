@@ -9,12 +9,24 @@ from slc.core.files import save_figure, write_json, write_text_atomic
 from slc.studies.ray_overhead import summary
 
 TITLE = "Ray's cost on a grid: the train stage through Ray against a plain loop"
-RAY_PHASES = (("startup_s", "worker start"), ("training_s", "training"), ("report_s", "waiting in report"),
-              ("teardown_s", "teardown"), ("save_s", "driver: save + MLflow"))
+RAY_PHASES = (("spawn_s", "until the worker's process"), ("own_start_s", "the worker's own start"),
+              ("training_s", "training"), ("report_s", "waiting in report"), ("teardown_s", "teardown"),
+              ("save_s", "driver: save + MLflow"))
 
 
 def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def ray_phases(s: dict) -> dict:
+    """A grid's median Ray trial by RAY_PHASES, from the summary's per-trial medians."""
+    return {"spawn_s": s["ray_spawn_s"], "own_start_s": _difference(s["ray_startup_s"], s["ray_spawn_s"]),
+            "training_s": _difference(s["ray_train_s"], s["ray_report_s"]), "report_s": s["ray_report_s"],
+            "teardown_s": s["ray_teardown_s"], "save_s": s["ray_save_s"]}
 
 
 def metrics(study: dict) -> dict:
@@ -47,21 +59,21 @@ def report_markdown(figures: dict) -> str:
     lines += [tabulate(rows, ["grid", "data", "losses x seeds", "epochs", "Ray trials at once", "plain loop s",
                               "through Ray s", "Ray / plain", "goal"], tablefmt="github", disable_numparse=True), ""]
     lines += ["## Where a trial's seconds go", "",
-              "Medians over each grid's trials, in seconds. Ray: the worker's start (Tune trial to the first line of the "
-              "Train worker: controller, placement group, worker process, process group), training (`train_one` "
-              "less the time blocked in Ray's report), the wait in report, the teardown after the worker returned, "
-              "and the driver's saving and MLflow logging. The plain loop trains with every CPU, one trial at a "
-              "time; Ray runs `max_concurrent_trials` at once, each on its share of the CPUs.", ""]
+              "Medians over each grid's trials, in seconds. Ray: the worker's start from the trial's `TorchTrainer` "
+              "to the first line of the Train worker, in two parts: until the worker's process existed (the Train "
+              "controller's process, the placement group, the worker's scheduling) and the worker's own start (a "
+              "Python process joining Ray, unpickling the training function, which imports torch and the project, "
+              "and the process group); then training (`train_one` less the time blocked in Ray's report), the "
+              "wait in report, the teardown after the worker returned, and the driver's saving and MLflow logging. "
+              "The plain loop trains with every CPU, one trial at a time; Ray runs `max_concurrent_trials` at once, "
+              "each on its share of the CPUs.", ""]
     rows = []
     for name, grid in figures["grids"].items():
         s = grid["summary"]
-        training = None if s["ray_train_s"] is None or s["ray_report_s"] is None else s["ray_train_s"] - s["ray_report_s"]
-        rows.append([name, _s(s["ray_wall_s"]), _s(s["ray_startup_s"]), _s(training), _s(s["ray_report_s"]),
-                     _s(s["ray_teardown_s"]), _s(s["ray_save_s"]), _s(s["plain_wall_s"]), _s(s["plain_train_s"]),
-                     _s(s["plain_save_s"])])
-    lines += [tabulate(rows, ["grid", "Ray trial", "worker start", "training", "waiting in report", "teardown",
-                              "save + MLflow", "plain trial", "training", "save"], tablefmt="github",
-                       disable_numparse=True), ""]
+        rows.append([name, _s(s["ray_wall_s"]), *(_s(value) for value in ray_phases(s).values()),
+                     _s(s["plain_wall_s"]), _s(s["plain_train_s"]), _s(s["plain_save_s"])])
+    lines += [tabulate(rows, ["grid", "Ray trial", *(label for _, label in RAY_PHASES), "plain trial", "training",
+                              "save"], tablefmt="github", disable_numparse=True), ""]
     return "\n".join(lines)
 
 
@@ -80,8 +92,7 @@ def write_plot(figures: dict, path: Path) -> None:
                    color=["tab:orange", "tab:blue"])
         walls.text(grid["ray"]["wall_s"], i + 0.2, f" x{grid['ratio']:.2f}", va="center")
         s, left = grid["summary"], 0.0
-        parts = {"startup_s": s["ray_startup_s"], "training_s": (s["ray_train_s"] or 0) - (s["ray_report_s"] or 0),
-                 "report_s": s["ray_report_s"], "teardown_s": s["ray_teardown_s"], "save_s": s["ray_save_s"]}
+        parts = ray_phases(s)
         for j, (key, label) in enumerate(RAY_PHASES):
             value = parts[key] or 0.0
             trial.barh(i + 0.2, value, left=left, height=0.35, color=f"C{j + 2}", label=label if i == 0 else None)

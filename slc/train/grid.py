@@ -203,7 +203,9 @@ def _fit(params: Params, data_root, sections: dict, todo: list[tuple], data: Pre
         param_space={"trial": tune.grid_search(trials), "model": sections["model"], "train": sections["train"],
                      "ray": sections["ray"], "data": str(Path(data_root).resolve()),
                      "storage": str(storage / grid_name / "train"), "worker_resources": resources},
-        tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent_trials,
+        # reuse_actors: a trial runs in the process of one that ended, which has imported torch and the
+        # project already (seconds of each short trial on a small machine)
+        tune_config=tune.TuneConfig(max_concurrent_trials=params.ray.max_concurrent_trials, reuse_actors=True,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name=grid_name, storage_path=str(storage), callbacks=[recorder], verbose=0))
     try:

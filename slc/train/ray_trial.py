@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 
+import psutil
 import ray
 import torch
 import torch.distributed as dist
@@ -106,9 +107,12 @@ def _shard(loader: DataLoader, seed: int, samplers: list) -> DataLoader:
 
 def _train_worker(config: dict) -> dict | None:
     """One Train worker: `train_one` on this rank's shard, resumed from Ray's checkpoint if any. Says
-    how long it took to start (since its trial began), to train, and how much of that it spent in
-    Ray's report: where a trial's seconds go besides training (`pipeline.ray_overhead`)."""
+    how long it took to start (since its trial began; until its process existed, then its own start),
+    to train, and how much of that it spent in Ray's report: where a trial's seconds go besides
+    training (`pipeline.ray_overhead`)."""
     startup_s = time.time() - config["started_at"]  # one machine's clock on a local cluster
+    # 0 where Ray gave the worker a process it had started before the trial
+    spawn_s = max(0.0, psutil.Process().create_time() - config["started_at"])
     from ray.train import Checkpoint, get_checkpoint, report
     from ray.train.torch import get_device, prepare_model
 
@@ -145,7 +149,7 @@ def _train_worker(config: dict) -> dict | None:
     return {"status": result.status, "error": result.error, "epochs": result.epochs_completed,
             **{key: getattr(last, key) if last else None for key in EPOCH_METRICS},
             "samples_per_s": _finite(sum(speeds)), "head_init_s": result.head_init_s,
-            "startup_s": startup_s, "train_s": result.wall_s, "report_s": sum(reporting),
+            "startup_s": startup_s, "spawn_s": spawn_s, "train_s": result.wall_s, "report_s": sum(reporting),
             "resumed_from_epoch": result.epochs_completed - len(trained),
             "world_size": len(shards), "shard_sizes": [len(s) for s in shards],
             "distinct_samples": len(set().union(*map(set, shards)))}
