@@ -111,14 +111,17 @@ def rounds_markdown(results: SpeedupResults) -> str:
             mark = lambda i, text: f"{text}*" if i in ratio.outliers else text
             table.append([f"{prefix}{r['architecture']}", f"{r['k']:,}",
                           " ".join(mark(i, f"{x:.2f}") for i, x in enumerate(ratio.rounds)),
-                          " ".join(mark(i, f"{x:.1f}") for i, x in enumerate(at_k.backbone.rounds_ms)),
+                          " ".join(mark(i, f"{x:.3g}") for i, x in enumerate(at_k.backbone.rounds_ms)),
+                          " ".join(mark(i, f"{c / b:.2f}") for i, (c, b) in
+                                   enumerate(zip(at_k.control.rounds_ms, at_k.backbone.rounds_ms)))
+                          if at_k.control else "—",
                           " ".join(mark(i, f"{x:.1f}") for i, x in enumerate(at_k.gbps))])
     if not table:
         return (f"Every round of every k had its full model at or above {FLOOR_TOLERANCE} of its floor, and no round "
                 "was an outlier.")
     return ("Each round of the k where a round was left out (marked *) or full / floor fell below "
             f"{FLOOR_TOLERANCE}:\n\n" + _table(table, ["model", "k", "full / floor per round", "backbone ms per round",
-                                                     "B GB/s per round"]))
+                                                     "control / backbone per round", "B GB/s per round"]))
 
 
 def exports_markdown(exports: dict[str, Architecture]) -> str:
@@ -182,7 +185,9 @@ def summary_markdown(results: SpeedupResults, heading: str = "##") -> str:
         "on their values).",
         f"Memory bandwidth B: {bw['method']}. Bandwidth floor, per round: a full model takes at least backbone + "
         "4·d·k bytes / B of the same round; each ratio is the median (min–max) of its rounds, leaving out a round "
-        "whose backbone time is beyond Tukey's fences (1.5 interquartile ranges past the quartiles) of its k.", "",
+        "that cannot resolve the 5% the floor is judged on: its two sessions of the backbone (the same work, timed "
+        f"beside the models) differ by more than a factor {1 / FLOOR_TOLERANCE:.3f}, or its backbone time is "
+        "beyond Tukey's fences (1.5 interquartile ranges past the quartiles) of its k.", "",
         f"{heading} Full k-class model time / single-logit time", "",
         "SLC time: single_logit.onnx at the largest k. Bandwidth floor: the floor over the backbone alone, what a "
         "single logit gains over a full model that reads its head at B; no correct measurement of a full model is "

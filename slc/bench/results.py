@@ -38,9 +38,9 @@ class Timing(_Record):
 
 class Ratio(_Record):
     """A ratio of two models' times taken within each round, so both figures share the machine's state.
-    `median` and `min` leave out the `outliers`: rounds whose backbone time is beyond Tukey's fences
-    (1.5 interquartile ranges past the quartiles) of that k's rounds, a backbone that swung while
-    they ran (the rule needs 4 rounds; with fewer none is left out). `rounds` holds every round."""
+    `median`, `min` and `max` leave out the `outliers` (`slc.bench.benchmarking.outlier_rounds`): rounds
+    whose two sessions of the backbone differ by more than FLOOR_TOLERANCE allows, or whose backbone
+    time is beyond Tukey's fences of that k's rounds. `rounds` holds every round."""
     median: float
     min: float
     max: float
@@ -52,6 +52,8 @@ class AtK(_Record):
     """One architecture with a k-class head: the models' times, the bandwidth read in the same rounds,
     and the ratios the goals are judged on."""
     backbone: Timing
+    control: Timing | None = None  # the backbone again, in a second session: what noise alone makes of a ratio
+                                   # of 1 (None in a run from before it was timed)
     full: Timing
     single_logit: Timing
     head: Timing                 # the head alone (features -> k logits): exactly the bytes the floor counts

@@ -88,9 +88,12 @@ def rounds_timing(rounds_ms: list[float]) -> dict:
 
 
 def paired(backbone: list[float], full: list[float], single: list[float], head: list[float], gbps: list[float],
-           d: int = 1000, k: int = 1_000_000):
+           d: int = 1000, k: int = 1_000_000, control: list[float] | None = None):
+    """One k's figures from each round's times; the control (the backbone's second session) equal to the
+    backbone unless given."""
     times = {kind: Timing(**rounds_timing(ms)) for kind, ms in
-             (("backbone", backbone), ("full", full), ("single_logit", single), ("head", head))}
+             (("backbone", backbone), ("control", control or backbone), ("full", full), ("single_logit", single),
+              ("head", head))}
     return benchmark.at_k(times, gbps, d, k).model_copy(update={"peak_rss_gb": 1.0})  # this process's peak varies
 
 
@@ -122,7 +125,28 @@ def test_a_round_whose_backbone_swung_is_an_outlier_and_left_out_of_median_and_m
 @pytest.mark.parametrize("backbone, outliers", [([100, 102, 98], []),  # fewer than 4 rounds: no quartiles
                                                 ([100, 100, 100, 100], []), ([100, 101, 99, 100, 40], [4])])
 def test_outlier_rule_needs_four_rounds_and_names_rounds_beyond_the_fences(backbone, outliers):
-    assert benchmark.outlier_rounds(np.asarray(backbone, float)) == outliers
+    backbone = np.asarray(backbone, float)
+    assert benchmark.outlier_rounds(backbone, control_ms=backbone) == outliers
+
+
+@pytest.mark.parametrize("control, outliers", [
+    ([1.0, 1.0, 1.0], []),
+    ([1.05, 0.96, 1.0], []),        # within 1/0.95 either way: the round resolves the tolerance
+    ([1.06, 0.94, 1.0], [0, 1]),    # the same work timed 6% apart: it cannot
+])
+def test_a_round_whose_two_backbone_sessions_disagree_beyond_the_tolerance_is_an_outlier(control, outliers):
+    backbone = np.full(3, 0.1)
+    assert benchmark.outlier_rounds(backbone, backbone * np.asarray(control)) == outliers
+
+
+def test_a_noisy_round_is_left_out_of_the_floors_figures_unless_every_round_is():
+    # 0.1 ms models, k = 10: the floor is the backbone; round 1's backbone ran slow against its own control
+    backbone, full = [0.100, 0.120, 0.100, 0.100], [0.101, 0.102, 0.100, 0.103]
+    r = paired(backbone, full, backbone, [0.001] * 4, [30.0] * 4, d=256, k=10, control=[0.100, 0.100, 0.101, 0.099])
+    assert r.full_vs_floor.outliers == [1] and r.full_vs_floor.rounds[1] < 0.95
+    assert r.full_vs_floor.min > 0.99
+    every = paired(backbone, full, backbone, [0.001] * 4, [30.0] * 4, d=256, k=10, control=[0.2] * 4)
+    assert every.full_vs_floor.outliers == [] and every.full_vs_floor.min < 0.95
 
 
 def test_spread_reports_median_and_p10_p90_in_ms():
