@@ -124,7 +124,8 @@ def search_parsers(commands) -> list[argparse.ArgumentParser]:
                        help="compute the features with Ray Data on the cluster at RAY_ADDRESS (default: a new local "
                             "one); the export and SOURCE must be at the same path on every node")
     build.add_argument("--actors", type=positive, default=None,
-                       help="with --ray: Ray actors at most, one backbone and one CPU each (default: one per free CPU)")
+                       help="with --ray: Ray actors at most, one backbone and one CPU each (default: one per CPU but "
+                            "one, which Ray Data's reads need)")
     build.set_defaults(run=run_index_build)
     add = steps.add_parser("add", help="add images to an index, all or none; searchable when it returns")
     add.add_argument("index_dir", type=Path)

@@ -45,10 +45,21 @@ class BackboneActor:
         return {"id": ids, "features": features, **({} if paths is None else {"path": np.array(paths)})}
 
 
+def pool_size(cluster_cpus: float, cpus: int, actors: int | None) -> int:
+    """How many feature actors of `cpus` CPUs the cluster holds beside the one CPU that Ray Data's read
+    tasks need: actors on every CPU leave the reads none and the build waits forever (ray-project/ray#44687)."""
+    room = int((cluster_cpus - 1) // cpus)
+    if room < 1:
+        raise SetupError(f"--ray: the Ray cluster has {cluster_cpus:g} CPUs, and a build needs {cpus + 1}: {cpus} for "
+                         f"a feature actor and 1 for Ray Data's reads; build without --ray, or on a bigger cluster")
+    return room if actors is None else min(actors, room)
+
+
 def ray_batches(model: SingleLogitModel, files: dict[str, str], batch_size: int, actors: int | None,
                 threads: int | None, load: dict) -> FeatureBatches:
-    """Features from `batch_size`-image batches on up to `actors` actors (default: as many as Ray finds
-    CPUs for), each reserving `threads` CPUs (default 1) and running onnxruntime on as many threads."""
+    """Features from `batch_size`-image batches on up to `actors` actors (default: as many as the
+    cluster's CPUs allow, `pool_size`), each reserving `threads` CPUs (default 1) and running onnxruntime
+    on as many threads."""
     try:
         import ray
         import ray.data
@@ -62,12 +73,13 @@ def ray_batches(model: SingleLogitModel, files: dict[str, str], batch_size: int,
         if not ray.is_initialized():
             # RAY_ADDRESS's cluster; without it a new local one, never one a stale `ray start` left behind
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        size = pool_size(ray.cluster_resources().get("CPU", 0), cpus, actors)
         context = ray.data.DataContext.get_current()
         ordered, context.execution_options.preserve_order = context.execution_options.preserve_order, True
         try:  # a dataset keeps the context it was created with
             dataset = ray.data.range(images.count - start).map_batches(
                 BackboneActor, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
                 fn_constructor_args=(os.fspath(model.export_dir), files, os.fspath(images.path), images.count, start,
                                      cpus, load))
         finally:

@@ -8,6 +8,7 @@ import pytest
 from serving import index_store
 from serving.errors import InputError, SetupError
 from serving.index_build import build
+from serving.index_ray import pool_size
 from serving.search import SearchIndex
 from tests.serving.conftest import CLASSES, failing_at, png
 from tests.serving.test_cli import run
@@ -105,3 +106,15 @@ def test_without_ray_the_ray_build_says_which_extra_brings_it(capsys, export_dir
 def test_actors_without_ray_are_refused(export_dir, source, tmp_path):
     with pytest.raises(InputError, match="actors = 2: .* --ray"):
         build(export_dir, source, tmp_path / "index", actors=2)
+
+
+@pytest.mark.parametrize("cpus, threads, actors, size", [(2, 1, None, 1), (8, 1, None, 7), (8, 2, None, 3),
+                                                        (8, 1, 3, 3), (8, 1, 20, 7)])
+def test_the_actor_pool_leaves_one_cpu_for_ray_datas_reads(cpus, threads, actors, size):
+    assert pool_size(cpus, threads, actors) == size
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, 1), (2, 2), (0, 1)])
+def test_a_cluster_without_a_cpu_for_the_reads_is_refused_before_it_hangs(cpus, threads):
+    with pytest.raises(SetupError, match=f"has {cpus} CPUs, and a build needs {threads + 1}: .* without --ray"):
+        pool_size(cpus, threads, None)
