@@ -84,7 +84,8 @@ def method_markdown(study: dict) -> str:
     machine, s = study["machine"], study["settings"]
     return " ".join([
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, load average",
-        f"{machine['load_average']} at the start; FAISS {machine['faiss']} on {s['faiss_threads']} OpenMP threads,",
+        f"{', '.join(f'{x:.1f}' for x in machine['load_average'])} at the start;",
+        f"FAISS {machine['faiss']} on {s['faiss_threads']} OpenMP threads,",
         f"numpy {machine['numpy']}, onnxruntime {machine['onnxruntime']}. Export {s['run']} (d = {s['d']}).",
         f"Memory bandwidth B: {study['bandwidth']['method']}.",
         f"At each N the stored features are random float32 vectors of d = {s['d']} (a query's cost depends on their",
