@@ -47,7 +47,7 @@ search-bench: $(VENV)/.installed
 	$(PYTHON) -m pipeline.search_bench
 
 # Ray's cost: the default grid and a small-data grid (scikit-learn's digits, 40 epochs) through the train
-# stage's Ray path and through a plain train_one loop (26 min on 2 cores): metrics/ray_overhead.json,
+# stage's Ray path and through a plain train_one loop (21 min on 2 cores): metrics/ray_overhead.json,
 # results/ray_overhead.md, plots/ray_overhead.png
 ray-overhead: $(VENV)/.installed data
 	dvc repro prepare

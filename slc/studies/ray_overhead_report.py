@@ -103,6 +103,7 @@ def write_plot(figures: dict, path: Path) -> None:
                         (trial, "median trial, s, by phase (top: Ray)")):
         axis.set_yticks(range(len(names)), names)
         axis.set_title(title, fontsize=10)
+    walls.set_xlim(0, 1.15 * max(g["ray"]["wall_s"] for g in figures["grids"].values()))  # room for the ratio
     trial.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
