@@ -52,6 +52,7 @@ COLUMNS = ("graph", "batch_wait_ms", "concurrency", "requests", "errors", "rps",
 HEADER = ("graph", "batching", "concurrency", "requests", "errors", "req/s", "p50 ms", "p99 ms",
           "images/call", "server CPU ms/req", "client CPU ms/req")
 NEWER = {"batch_wait_ms", "images_per_call"}  # columns that figures from before batching lack (it was off)
+KEEPALIVE_EXPIRY_S = 2.0  # below uvicorn's timeout_keep_alive of 5 s
 RATIOS = ("rps", "p50_ms")  # the per-round figures whose full / single_logit ratio is reported
 
 
@@ -204,7 +205,10 @@ def budgets(requests: int, rounds: int) -> list[int]:
 
 
 def client(server: Server, concurrency: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    """A client whose idle connections close well before uvicorn's (5 s keep-alive): a connection idle
+    while the other servers had their turn was otherwise reused just as the server closed it (ReadError)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60.0)
 
 
