@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from serving import loadtest
+from serving import loadtest_report
 from slc.bench import report as speedup_report
 from slc.bench.results import parse_speedup
 from slc.evaluate.table1 import NEAREST_PAPER_DATASET, error_names, errors_markdown, settings_markdown, table1_title
@@ -47,7 +47,7 @@ def speedup_head(figures: dict) -> tuple[str, str]:
 
 def loadtest_head(figures: dict) -> tuple[str, str]:
     note = f"\n\nNote: {figures['note']}." if "note" in figures else ""
-    return loadtest.TITLE, loadtest.summary_markdown(figures) + note
+    return loadtest_report.TITLE, loadtest_report.summary_markdown(figures) + note
 
 
 # figures (JSON) -> (the report written beside them, what writes both, their README head)

@@ -1,6 +1,7 @@
 """The load test stops by itself within its budgets, keeps every server up at once and drives each in
 every round in a seeded order, reports every graph, batching setting and concurrency over all rounds
-and full / single_logit within each round, and writes its figures as JSON that renders the same report."""
+and full / single_logit within each round, and writes its figures as JSON that renders the same report
+(serving.loadtest_report)."""
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serving import loadtest
+from serving import loadtest, loadtest_report
 from serving.machine import machine_info
 
 COMMITTED = Path(__file__).resolve().parents[1] / "fixtures/earlier_run/results/serving.json"  # real figures
@@ -43,7 +44,7 @@ def test_a_tiny_load_test_drives_every_server_in_every_round_without_errors(expo
         assert float(server_cpu) > 0 and float(client_cpu) > 0
         assert float(per_call) == 1.0 if batching == "off" or concurrency == "1" else 1.0 <= float(per_call) <= 3.0
     figures = json.loads(out.with_suffix(".json").read_text())  # beside the Markdown by default
-    assert loadtest.render(figures) == report and len(figures["rows"]) == 8
+    assert loadtest_report.render(figures) == report and len(figures["rows"]) == 8
     orders = loadtest.schedule(4, [1, 3], 3, seed=7)
     for concurrency in (1, 3):
         level = [row for row in figures["rows"] if row["concurrency"] == concurrency]  # the servers' order
@@ -107,12 +108,12 @@ def test_full_over_single_logit_is_taken_within_each_round():
             with_rounds("full", None, 1, [90.0, 220.0, 80.0], [2.2, 1.0, None]),
             with_rounds("single_logit", 2.0, 1, [100.0, 100.0, 0.0], [2.0, 2.0, None]),
             with_rounds("full", 2.0, 1, [50.0, 100.0, 10.0], [4.0, 2.0, 3.0])]
-    off, batching = loadtest.paired_ratios(rows)
+    off, batching = loadtest_report.paired_ratios(rows)
     # the drift of round 2 (both twice as fast) does not move its ratio
     assert off["rps"] == {"median": 0.9, "min": 0.8, "max": 1.1, "rounds": [0.9, 1.1, 0.8]}
     assert off["p50_ms"] == {"median": 1.05, "min": 1.0, "max": 1.1, "rounds": [1.1, 1.0, None]}  # round 3 answered none
     assert batching["batch_wait_ms"] == 2.0 and batching["rps"]["rounds"] == [0.5, 1.0, None]
-    assert loadtest.paired_ratios(rows[:1] + rows[2:3]) == []  # a single graph has nothing to compare
+    assert loadtest_report.paired_ratios(rows[:1] + rows[2:3]) == []  # a single graph has nothing to compare
 
 
 def test_figures_in_rounds_show_each_rounds_ratio():
@@ -121,31 +122,31 @@ def test_figures_in_rounds_show_each_rounds_ratio():
     figures["ratios"] = [{"batch_wait_ms": None, "concurrency": 8,
                           "rps": {"median": 0.95, "min": 0.9, "max": 1.0, "rounds": [0.9, 1.0]},
                           "p50_ms": {"median": None, "min": None, "max": None, "rounds": [None, None]}}]
-    summary = loadtest.summary_markdown(figures)
+    summary = loadtest_report.summary_markdown(figures)
     assert "--batch-wait-ms 2 --rounds 2 --seed 0` on Linux" in summary and "driven in 2 rounds" in summary
     assert table_lines(summary, ("| off",)) == [["off", "8", "0.950 (0.900–1.000)", "0.900 1.000", "none answered", ""]]
 
 
 def test_the_report_has_one_row_per_level_with_the_figures_as_measured():
     figures = json.loads(COMMITTED.read_text())  # from before batching and rounds: one server after another
-    rows = table_lines(loadtest.render(figures))
+    rows = table_lines(loadtest_report.render(figures))
     measured = ("concurrency", "requests", "errors", "rps", "p50_ms", "p99_ms")
     assert rows == [[row["graph"], "off", *(str(row[c]) for c in measured), "", str(row["server_cpu_ms"]),
                      str(row["client_cpu_ms"])] for row in figures["rows"]]
-    summary = loadtest.summary_markdown(figures)
+    summary = loadtest_report.summary_markdown(figures)
     assert "`python -m serving.loadtest exports/bce-s2` on Linux" in summary and "batch-wait" not in summary
     assert "Per level: at most 1000 timed requests or 20 s" in summary and "Rounds" not in summary
 
 
 def test_a_row_with_batching_shows_its_wait_and_images_per_call():
     row = {"graph": "full", "batch_wait_ms": 2.5, "images_per_call": 3.4}
-    assert loadtest.cell(row, "batch_wait_ms") == "2.5 ms wait" and loadtest.cell(row, "images_per_call") == 3.4
+    assert loadtest_report.cell(row, "batch_wait_ms") == "2.5 ms wait" and loadtest_report.cell(row, "images_per_call") == 3.4
 
 
 def test_a_failed_level_shows_its_first_error():
     figures = json.loads(COMMITTED.read_text())
     figures["rows"][0] |= {"errors": 3, "first_error": "503: busy"}
-    assert "First error (single_logit, concurrency 1): 503: busy" in loadtest.render(figures)
+    assert "First error (single_logit, concurrency 1): 503: busy" in loadtest_report.render(figures)
 
 
 @pytest.mark.parametrize("flags, message", [(["--rounds", "6", "--requests", "5"], "1 <= rounds <= --requests"),
