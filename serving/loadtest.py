@@ -37,7 +37,7 @@ import psutil
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.cli import positive_ms
+from serving.cli_args import positive_ms
 from serving.loadtest_report import COLUMNS, paired_ratios, render
 from serving.machine import machine_info
 from serving.metrics import BATCH
